@@ -1,0 +1,342 @@
+"""The decoder: one config-driven model for gpt, gpt2, llama, mistral, mixtral and gemma.
+
+Notable features
+- every family is the same code with different switches (see config.FAMILIES): learned or rotary
+  positions, pre- or post-norm, LayerNorm or RMSNorm (Gemma's (1 + w)), GELU MLP or gated (SwiGLU /
+  GeGLU), projection biases, tied embeddings, embedding scaling, sliding windows, sparse MoE
+- fused q/k/v and gate/up projections (fewer, larger matmuls); HF names are mapped in checkpoint.py
+- grouped-query attention through scaled_dot_product_attention (no K/V repetition)
+- a static KV cache (cache.py) with per-row positions: left padding and continuous batching give the
+  same numbers as running each row alone; decode steps never concatenate tensors
+- MoE experts stored as (E, ...) tensors and dispatched expert by expert over the tokens routed to
+  them (a loop over experts, never over tokens); Mixtral's load-balancing loss
+- can be built on the meta device and materialised later, so a 7B config costs nothing to inspect
+
+Shapes: B batch, T tokens in this call, S keys attended to, d model width, H query heads,
+KV key/value heads, hd head size, E experts, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.cache import KVCache, make_mask, positions_from_valid
+from lmforge.config import ModelConfig
+
+ACT = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class Norm(nn.Module):
+    """LayerNorm, or RMSNorm computed in fp32 like the reference (Gemma: scale by 1 + w)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.eps, self.unit_offset = cfg.norm, cfg.norm_eps, cfg.norm_unit_offset
+        self.weight = nn.Parameter(torch.empty(cfg.d_model))
+        self.bias = nn.Parameter(torch.empty(cfg.d_model)) if cfg.norm == "layernorm" else None
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:  # Gemma multiplies in fp32, then casts
+            return (y * (1.0 + self.weight.float())).type_as(x)
+        return self.weight * y.type_as(x)  # Llama casts, then multiplies
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies (hd/2,), with HF's linear or llama3 scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled)
+    return inv  # "default"
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + hd/2) of x (B, H, T, hd) by the angles in cos/sin (B, 1, T, hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.cfg = layer, cfg
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_bias)
+        self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.attn_bias)
+
+    def forward(self, x, rope, mask, is_causal, cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.cfg.q_dim, self.cfg.kv_dim, self.cfg.kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.cfg.dropout if self.training else 0.0,
+            scale=self.hd**-0.5, enable_gqa=self.n_kv != self.n_heads,
+        )  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.cfg.q_dim))
+
+
+class MLP(nn.Module):
+    """up -> act -> down, or gated: act(gate) * up -> down (gate and up fused in one matmul)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act, self.glu = ACT[cfg.act], cfg.mlp == "glu"
+        self.w_in = nn.Linear(cfg.d_model, (2 if self.glu else 1) * cfg.d_ff, bias=cfg.mlp_bias)
+        self.w_out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        h = self.w_in(x)
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.w_out(self.act(gate) * up)
+        return self.w_out(self.act(h))
+
+
+class MoE(nn.Module):
+    """Sparse mixture of gated experts with top-k routing (softmax over all experts, renormalised over
+    the k chosen, as in Mixtral). Tokens are grouped by expert and each expert runs one matmul."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k, self.act = cfg.n_experts, cfg.n_experts_per_tok, ACT[cfg.act]
+        self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(cfg.n_experts, 2 * cfg.d_ff, cfg.d_model))  # gate ; up
+        self.w_out = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model, cfg.d_ff))
+        self.router_logits: torch.Tensor | None = None  # (N, E) of the last call, for the aux loss
+
+    def forward(self, x):
+        B, T, d = x.shape
+        xf = x.reshape(-1, d)  # (N, d)
+        logits = self.router(xf)  # (N, E)
+        self.router_logits = logits
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        weights, experts = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        flat = experts.flatten()  # (N k,) expert of each (token, slot) assignment
+        order = flat.argsort(stable=True)
+        token = order // self.top_k  # token index of each assignment, grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        out = torch.empty(order.numel(), d, dtype=x.dtype, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                xe = xf[token[start : start + n]]  # (n, d)
+                gate, up = F.linear(xe, self.w_in[e]).chunk(2, dim=-1)
+                out[start : start + n] = F.linear(self.act(gate) * up, self.w_out[e])
+            start += n
+        out = out * weights.flatten()[order, None]
+        return torch.zeros_like(xf).index_add_(0, token, out).view(B, T, d)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.post_norm = cfg.post_norm
+        self.attn_norm, self.mlp_norm = Norm(cfg), Norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, mask, is_causal, cache):
+        if self.post_norm:  # original GPT: x = LN(x + f(x))
+            x = self.attn_norm(x + self.drop(self.attn(x, rope, mask, is_causal, cache)))
+            return self.mlp_norm(x + self.drop(self.mlp(x)))
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, cache))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = Norm(cfg) if cfg.final_norm else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # RoPE tables (max_seq_len, hd/2) in fp32; not saved (derived from the config).
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        if self.tok_emb.weight.device.type != "meta":
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    def _init_rope(self) -> None:
+        if self.config.pos_emb != "rope":
+            return
+        dev = self.tok_emb.weight.device
+        t = torch.arange(self.config.max_seq_len, dtype=torch.int64).float()
+        freqs = torch.outer(t, rope_inv_freq(self.config))  # (max_seq_len, hd/2)
+        self.rope_cos, self.rope_sin = freqs.cos().to(dev), freqs.sin().to(dev)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, std) weights; residual projections scaled by 1/sqrt(2 n_layers) (GPT-2); zero biases."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[0]
+            if "norm" in leaf:
+                continue
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+                continue
+            residual = name.endswith(("wo.weight", "w_out.weight", "mlp.w_out"))  # projections into the stream
+            s = std / math.sqrt(2 * self.config.n_layers) if residual else std
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu").mul_(s))
+        for m in self.modules():
+            if isinstance(m, Norm):
+                m.reset_parameters()
+        self._init_rope()
+
+    def materialize(self, device="cpu", dtype: torch.dtype | None = None, init: bool = True) -> Transformer:
+        """Allocate a model built on the meta device (optionally initialising weights)."""
+        self.to_empty(device=device)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if init:
+            self.init_weights()
+        else:
+            self._init_rope()
+        return self.to(dtype) if dtype is not None else self
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+        return_hidden: bool = False,
+    ):
+        """idx (B, T) token ids -> logits (B, T, V), or the mean loss when targets (B, T) are given
+        (ignore_index -100; Mixtral adds its load-balancing loss).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (left padding for generation).
+        cache: a KVCache to read from and append to (positions continue from it).
+        logits_to_keep: if > 0, only the last k positions get logits (prefill needs one).
+        """
+        cfg = self.config
+        B, T = idx.shape
+        valid = attention_mask.bool() if attention_mask is not None else None
+        if cache is not None:
+            pos, mask, is_causal = cache.prepare(T, valid)
+        else:
+            if T > cfg.max_seq_len:
+                raise ValueError(f"input of {T} tokens is longer than the model's context of {cfg.max_seq_len}")
+            pos = positions_from_valid(valid, 0, T, idx.device)
+            if valid is None and (cfg.sliding_window is None or T <= cfg.sliding_window):
+                mask, is_causal = None, True
+            else:
+                k_pos = pos if valid is None else pos.masked_fill(~valid, -1)
+                mask, is_causal = make_mask(pos, k_pos, cfg.sliding_window, 0), False
+        x = self.tok_emb(idx)  # (B, T, d)
+        if cfg.embed_scale:
+            x = x * torch.tensor(cfg.d_model**0.5, dtype=x.dtype)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(pos.expand(B, T))
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B or 1, T, hd/2)
+            rope = (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, mask, is_causal, cache)
+        if self.norm is not None:
+            x = self.norm(x)
+        if return_hidden:
+            return x
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if cfg.n_experts and self.training:
+            self.aux_loss = load_balancing_loss([b.mlp.router_logits for b in self.blocks], cfg.n_experts_per_tok,
+                                                valid.reshape(-1) if valid is not None else None)
+            loss = loss + cfg.router_aux_loss_coef * self.aux_loss
+        return loss
+
+    # ------------------------------------------------------------------ helpers
+    def num_params(self, trainable_only: bool = False) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen and (p.requires_grad or not trainable_only):
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        w = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, w.device, dtype or w.dtype)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, valid: torch.Tensor | None = None):
+    """Switch-Transformer auxiliary loss as in HF Mixtral: E * sum_e f_e * P_e over all layers' tokens,
+    f_e = fraction of (token, slot) assignments routed to e, P_e = mean router probability of e."""
+    logits = torch.cat(router_logits, dim=0)  # (layers N, E)
+    E = logits.shape[-1]
+    probs = logits.float().softmax(dim=-1)
+    chosen = probs.topk(top_k, dim=-1).indices
+    assigned = F.one_hot(chosen, E).float()  # (layers N, k, E)
+    if valid is None:
+        f = assigned.mean(dim=0)  # (k, E)
+        p = probs.mean(dim=0)  # (E,)
+    else:
+        w = valid.float().repeat(len(router_logits))  # (layers N,)
+        f = (assigned * w[:, None, None]).sum(0) / w.sum()
+        p = (probs * w[:, None]).sum(0) / w.sum()
+    return (f * p[None]).sum() * E
+
+
+def build(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None, meta: bool = False) -> Transformer:
+    """Build a model; with meta=True no memory is allocated (inspect shapes, count parameters)."""
+    if meta:
+        with torch.device("meta"):
+            return Transformer(cfg)
+    with torch.device(device):
+        model = Transformer(cfg)
+    return model.to(dtype) if dtype is not None else model
