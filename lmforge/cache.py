@@ -30,11 +30,16 @@ def make_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, q_of
     if window is not None:
         m &= (qp - kp) < window
     T, S = q_pos.shape[1], k_pos.shape[1]
-    eye = torch.arange(S, device=q_pos.device)[None, :] == (q_offset + torch.arange(T, device=q_pos.device))[:, None]
+    eye = (
+        torch.arange(S, device=q_pos.device)[None, :]
+        == (q_offset + torch.arange(T, device=q_pos.device))[:, None]
+    )
     return m | eye
 
 
-def positions_from_valid(valid: torch.Tensor | None, start: torch.Tensor | int, T: int, device) -> torch.Tensor:
+def positions_from_valid(
+    valid: torch.Tensor | None, start: torch.Tensor | int, T: int, device
+) -> torch.Tensor:
     """Positions (B, T) of a chunk: `start` (per row) plus the count of real tokens before each one."""
     if valid is None:
         ar = torch.arange(T, device=device)
@@ -53,7 +58,9 @@ class KVCache:
 
     def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         if max_len > config.max_seq_len:
-            raise ValueError(f"KV cache of {max_len} tokens exceeds the model's context of {config.max_seq_len}")
+            raise ValueError(
+                f"KV cache of {max_len} tokens exceeds the model's context of {config.max_seq_len}"
+            )
         self.batch_size, self.max_len = batch_size, max_len
         self.window = config.sliding_window
         self.ring = self.window is not None and self.window < max_len

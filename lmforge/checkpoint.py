@@ -35,38 +35,65 @@ def _layout(cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
     if cfg.family in ("gpt", "gpt2"):
         p = "transformer."
         emb, pos = ("tokens_embed", "positions_embed") if cfg.family == "gpt" else ("wte", "wpe")
-        rows += [("tok_emb.weight", [p + emb + ".weight"], "same"), ("pos_emb.weight", [p + pos + ".weight"], "same")]
+        rows += [
+            ("tok_emb.weight", [p + emb + ".weight"], "same"),
+            ("pos_emb.weight", [p + pos + ".weight"], "same"),
+        ]
         for i in range(L):
             h, b = f"{p}h.{i}.", f"blocks.{i}."
             for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
                 rows += [(f"{b}{ours}.{w}", [f"{h}{theirs}.{w}"], "same") for w in ("weight", "bias")]
-            for ours, theirs in (("attn.wqkv", "attn.c_attn"), ("attn.wo", "attn.c_proj"), ("mlp.w_in", "mlp.c_fc"),
-                                 ("mlp.w_out", "mlp.c_proj")):
-                rows += [(f"{b}{ours}.weight", [f"{h}{theirs}.weight"], "T"),
-                         (f"{b}{ours}.bias", [f"{h}{theirs}.bias"], "same")]
+            for ours, theirs in (
+                ("attn.wqkv", "attn.c_attn"),
+                ("attn.wo", "attn.c_proj"),
+                ("mlp.w_in", "mlp.c_fc"),
+                ("mlp.w_out", "mlp.c_proj"),
+            ):
+                rows += [
+                    (f"{b}{ours}.weight", [f"{h}{theirs}.weight"], "T"),
+                    (f"{b}{ours}.bias", [f"{h}{theirs}.bias"], "same"),
+                ]
         if cfg.final_norm:
             rows += [(f"norm.{w}", [f"{p}ln_f.{w}"], "same") for w in ("weight", "bias")]
     else:
         for i in range(L):
             h, b = f"model.layers.{i}.", f"blocks.{i}."
-            rows += [(f"{b}attn_norm.weight", [f"{h}input_layernorm.weight"], "same"),
-                     (f"{b}mlp_norm.weight", [f"{h}post_attention_layernorm.weight"], "same")]
+            rows += [
+                (f"{b}attn_norm.weight", [f"{h}input_layernorm.weight"], "same"),
+                (f"{b}mlp_norm.weight", [f"{h}post_attention_layernorm.weight"], "same"),
+            ]
             a = f"{h}self_attn."
             for w in ("weight", "bias") if cfg.attn_bias else ("weight",):
-                rows += [(f"{b}attn.wqkv.{w}", [f"{a}q_proj.{w}", f"{a}k_proj.{w}", f"{a}v_proj.{w}"], "cat"),
-                         (f"{b}attn.wo.{w}", [f"{a}o_proj.{w}"], "same")]
+                rows += [
+                    (f"{b}attn.wqkv.{w}", [f"{a}q_proj.{w}", f"{a}k_proj.{w}", f"{a}v_proj.{w}"], "cat"),
+                    (f"{b}attn.wo.{w}", [f"{a}o_proj.{w}"], "same"),
+                ]
             if cfg.n_experts:
                 m = f"{h}block_sparse_moe."
-                rows += [(f"{b}mlp.router.weight", [f"{m}gate.weight"], "same"),
-                         (f"{b}mlp.w_in", [f"{m}experts.{e}.{w}.weight" for e in range(cfg.n_experts)
-                                           for w in ("w1", "w3")], "experts_in"),
-                         (f"{b}mlp.w_out", [f"{m}experts.{e}.w2.weight" for e in range(cfg.n_experts)], "experts_out")]
+                rows += [
+                    (f"{b}mlp.router.weight", [f"{m}gate.weight"], "same"),
+                    (
+                        f"{b}mlp.w_in",
+                        [f"{m}experts.{e}.{w}.weight" for e in range(cfg.n_experts) for w in ("w1", "w3")],
+                        "experts_in",
+                    ),
+                    (
+                        f"{b}mlp.w_out",
+                        [f"{m}experts.{e}.w2.weight" for e in range(cfg.n_experts)],
+                        "experts_out",
+                    ),
+                ]
             else:
                 m = f"{h}mlp."
                 for w in ("weight", "bias") if cfg.mlp_bias else ("weight",):
-                    rows += [(f"{b}mlp.w_in.{w}", [f"{m}gate_proj.{w}", f"{m}up_proj.{w}"], "cat"),
-                             (f"{b}mlp.w_out.{w}", [f"{m}down_proj.{w}"], "same")]
-        rows += [("tok_emb.weight", ["model.embed_tokens.weight"], "same"), ("norm.weight", ["model.norm.weight"], "same")]
+                    rows += [
+                        (f"{b}mlp.w_in.{w}", [f"{m}gate_proj.{w}", f"{m}up_proj.{w}"], "cat"),
+                        (f"{b}mlp.w_out.{w}", [f"{m}down_proj.{w}"], "same"),
+                    ]
+        rows += [
+            ("tok_emb.weight", ["model.embed_tokens.weight"], "same"),
+            ("norm.weight", ["model.norm.weight"], "same"),
+        ]
     if not cfg.tie_embeddings:
         rows.append(("lm_head.weight", ["lm_head.weight"], "same"))
     return rows
@@ -115,8 +142,10 @@ def from_hf_state_dict(cfg: ModelConfig, get, source: str = "checkpoint") -> dic
             out[ours] = torch.stack(ts)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise UserError(f"{source}: missing tensor(s) {', '.join(missing[:5])}{more}; "
-                        "the weights do not match config.json")
+        raise UserError(
+            f"{source}: missing tensor(s) {', '.join(missing[:5])}{more}; "
+            "the weights do not match config.json"
+        )
     return out
 
 
@@ -145,8 +174,10 @@ class _TensorFiles:
                 raise UserError(f"{f}: cannot be read as PyTorch weights ({e})") from None
             self.where = {k: f for k in self.loaded}
         else:
-            raise UserError(f"{path}: no model weights found (expected model.safetensors, "
-                            "model.safetensors.index.json or pytorch_model.bin)")
+            raise UserError(
+                f"{path}: no model weights found (expected model.safetensors, "
+                "model.safetensors.index.json or pytorch_model.bin)"
+            )
 
     def _open(self, f: Path) -> None:
         if not f.exists():
@@ -155,7 +186,9 @@ class _TensorFiles:
             h = safe_open(str(f), framework="pt")
             names = list(h.keys())
         except (SafetensorError, OSError) as e:
-            raise UserError(f"{f}: corrupt or truncated safetensors file ({e}); re-save or re-download it") from None
+            raise UserError(
+                f"{f}: corrupt or truncated safetensors file ({e}); re-save or re-download it"
+            ) from None
         self.handles[f] = h
         self.where.update((k, f) for k in names)
 
@@ -171,7 +204,9 @@ class _TensorFiles:
         try:
             return self.handles[f].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise UserError(f"{f}: tensor {name} cannot be read, the file is corrupt or truncated ({e})") from None
+            raise UserError(
+                f"{f}: tensor {name} cannot be read, the file is corrupt or truncated ({e})"
+            ) from None
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -200,38 +235,58 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None 
     path = Path(path)
     cfg = read_config(path)
     files = _TensorFiles(path)
-    sd = from_hf_state_dict(cfg, files.get, str(path))
     model = build(cfg, meta=True)
-    expected = model.state_dict()
-    for name, t in sd.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            hf = next(h for o, hs, _ in _layout(cfg) if o == name for h in hs)
-            raise UserError(f"{files.where.get(hf, path)}: tensor {hf} has shape {tuple(t.shape)} but config.json "
-                            f"implies {tuple(expected[name].shape)}")
-    used = {h for _, hs, _ in _layout(cfg) for h in hs}
-    unexpected = sorted(n for n in files.names() - used
-                        if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    expected = {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}  # HF names and shapes
+
+    def get(name):
+        t = files.get(name)
+        if t is not None and tuple(t.shape) != expected[name]:
+            raise UserError(
+                f"{files.where[name]}: tensor {name} has shape {tuple(t.shape)} but config.json "
+                f"implies {expected[name]}"
+            )
+        return t
+
+    sd = from_hf_state_dict(cfg, get, str(path))
+    unexpected = sorted(
+        n
+        for n in files.names() - set(expected)
+        if not n.endswith(_IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight")
+    )
     if unexpected:
-        raise UserError(f"{path}: tensors not used by a {cfg.family} model as configured: "
-                        f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} "
-                        "(config.json and weights disagree; loading would silently drop them)")
+        raise UserError(
+            f"{path}: tensors not used by a {cfg.family} model as configured: "
+            f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''} "
+            "(config.json and weights disagree; loading would silently drop them)"
+        )
     dtype = dtype or next(iter(sd.values())).dtype
     model.materialize(device, init=False)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
     return model.to(dtype)
 
 
-def save_model(model, path: str | os.PathLike, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
+def save_model(
+    model, path: str | os.PathLike, tokenizer=None, extra_files: dict[str, str] | None = None
+) -> Path:
     """Write an HF model directory atomically (the directory appears complete or not at all)."""
     path = Path(path)
     cfg = model.config
     state = to_hf_state_dict(model)
     dtype = next(iter(state.values())).dtype
     hf = cfg.to_hf() | {"torch_dtype": DTYPE_NAMES.get(dtype, "float32"), "transformers_version": "4.46.0"}
-    gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
-                              ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    gen = {
+        k: v
+        for k, v in (
+            ("bos_token_id", cfg.bos_token_id),
+            ("eos_token_id", cfg.eos_token_id),
+            ("pad_token_id", cfg.pad_token_id),
+        )
+        if v is not None
+    }
     with atomic_dir(path) as tmp:
-        save_file({k: v.cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         if tokenizer is not None:

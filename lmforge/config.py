@@ -16,11 +16,23 @@ import warnings
 from dataclasses import dataclass, field
 
 # HF `model_type` of each family, and back.
-HF_MODEL_TYPE = {"gpt": "openai-gpt", "gpt2": "gpt2", "llama": "llama", "mistral": "mistral",
-                 "mixtral": "mixtral", "gemma": "gemma"}
+HF_MODEL_TYPE = {
+    "gpt": "openai-gpt",
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "mistral",
+    "mixtral": "mixtral",
+    "gemma": "gemma",
+}
 FAMILY_OF_MODEL_TYPE = {v: k for k, v in HF_MODEL_TYPE.items()}
-HF_ARCHITECTURE = {"gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                   "mistral": "MistralForCausalLM", "mixtral": "MixtralForCausalLM", "gemma": "GemmaForCausalLM"}
+HF_ARCHITECTURE = {
+    "gpt": "OpenAIGPTLMHeadModel",
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "gemma": "GemmaForCausalLM",
+}
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -102,8 +114,10 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and self.n_heads > 0:
             if self.d_model % self.n_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
-                                 "change one of them or set head_dim explicitly")
+                raise ValueError(
+                    f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
+                    "change one of them or set head_dim explicitly"
+                )
             self.head_dim = self.d_model // self.n_heads
         self.validate()
 
@@ -114,7 +128,16 @@ class ModelConfig:
 
         if self.family not in HF_MODEL_TYPE:
             bad("family", f"unknown family; choose one of {', '.join(HF_MODEL_TYPE)}")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "d_ff",
+            "max_seq_len",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be a positive integer")
@@ -129,7 +152,10 @@ class ModelConfig:
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ROPE_TYPES:
-                bad("rope_scaling", f"RoPE scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+                bad(
+                    "rope_scaling",
+                    f"RoPE scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})",
+                )
             if kind in ("linear", "llama3") and not self.rope_scaling.get("factor", 0) > 0:
                 bad("rope_scaling", "needs a positive 'factor'")
         if self.norm not in ("rmsnorm", "layernorm"):
@@ -140,7 +166,9 @@ class ModelConfig:
             bad("mlp", "must be 'mlp' or 'glu'")
         if self.act not in ACTIVATIONS:
             bad("act", f"must be one of {', '.join(ACTIVATIONS)}")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+        if self.sliding_window is not None and (
+            not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+        ):
             bad("sliding_window", "must be a positive integer or None")
         if self.n_experts < 0:
             bad("n_experts", "must be >= 0 (0 means a dense MLP)")
@@ -170,7 +198,9 @@ class ModelConfig:
         n_mats = 3 if self.mlp == "glu" else 2
         mlp = n_mats * d * f + ((n_mats - 1) * f + d if self.mlp_bias else 0)
         if self.n_experts:
-            mlp = mlp * (self.n_experts_per_tok if active else self.n_experts) + d * self.n_experts  # + router
+            mlp = (
+                mlp * (self.n_experts_per_tok if active else self.n_experts) + d * self.n_experts
+            )  # + router
         norm = d * (2 if self.norm == "layernorm" else 1)
         return attn + mlp + 2 * norm
 
@@ -195,7 +225,9 @@ class ModelConfig:
         if self.sliding_window:
             t = min(t, self.sliding_window)
         n = self.n_active_params() + self.vocab_size * self.d_model  # the output projection is a matmul too
-        attn = 2 * self.n_layers * self.q_dim * t  # QK^T and AV, averaged causal length ~ t/2, x2 matmuls x2 flops
+        attn = (
+            2 * self.n_layers * self.q_dim * t
+        )  # QK^T and AV, averaged causal length ~ t/2, x2 matmuls x2 flops
         mult = 3 if training else 1
         return mult * (2 * n + attn)
 
@@ -212,7 +244,9 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"unknown ModelConfig field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
         return cls(**d)
 
     def replace(self, **changes) -> ModelConfig:
@@ -229,17 +263,59 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------------- presets
 # The switches that make a family. Everything not listed takes the dataclass default.
 FAMILIES: dict[str, dict] = {
-    "gpt": dict(pos_emb="learned", norm="layernorm", post_norm=True, final_norm=False, mlp="mlp", act="gelu_tanh",
-                attn_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5),
-    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="mlp", act="gelu_tanh", attn_bias=True, mlp_bias=True,
-                 tie_embeddings=True, norm_eps=1e-5),
+    "gpt": dict(
+        pos_emb="learned",
+        norm="layernorm",
+        post_norm=True,
+        final_norm=False,
+        mlp="mlp",
+        act="gelu_tanh",
+        attn_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        norm_eps=1e-5,
+    ),
+    "gpt2": dict(
+        pos_emb="learned",
+        norm="layernorm",
+        mlp="mlp",
+        act="gelu_tanh",
+        attn_bias=True,
+        mlp_bias=True,
+        tie_embeddings=True,
+        norm_eps=1e-5,
+    ),
     "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=10000.0, norm_eps=1e-5),
-    "mistral": dict(pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=10000.0, norm_eps=1e-5,
-                    sliding_window=4096),
-    "mixtral": dict(pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=1e6, norm_eps=1e-5,
-                    n_experts=8, n_experts_per_tok=2, router_aux_loss_coef=0.02),
-    "gemma": dict(pos_emb="rope", norm="rmsnorm", norm_unit_offset=True, mlp="glu", act="gelu_tanh",
-                  tie_embeddings=True, embed_scale=True, norm_eps=1e-6),
+    "mistral": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        mlp="glu",
+        act="silu",
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        sliding_window=4096,
+    ),
+    "mixtral": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        mlp="glu",
+        act="silu",
+        rope_theta=1e6,
+        norm_eps=1e-5,
+        n_experts=8,
+        n_experts_per_tok=2,
+        router_aux_loss_coef=0.02,
+    ),
+    "gemma": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        norm_unit_offset=True,
+        mlp="glu",
+        act="gelu_tanh",
+        tie_embeddings=True,
+        embed_scale=True,
+        norm_eps=1e-6,
+    ),
 }
 
 # (d_model, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len). GQA ratios apply to RoPE families;
@@ -255,8 +331,18 @@ SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
 
 # Named real-model shapes (random weights), used by the benchmarks.
 NAMED: dict[str, dict] = {
-    "smollm-135m": dict(family="llama", d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
-                        vocab_size=49152, max_seq_len=2048, tie_embeddings=True, rope_theta=10000.0),
+    "smollm-135m": dict(
+        family="llama",
+        d_model=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_ff=1536,
+        vocab_size=49152,
+        max_seq_len=2048,
+        tie_embeddings=True,
+        rope_theta=10000.0,
+    ),
 }
 
 
@@ -275,7 +361,9 @@ def preset(family: str = "llama", size: str = "debug", **overrides) -> ModelConf
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join([*SIZES, *NAMED])}")
     d, n_layers, n_heads, n_kv, vocab, ctx = SIZES[size]
     fam = dict(FAMILIES[family])
-    cfg = dict(d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, max_seq_len=ctx)
+    cfg = dict(
+        d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv, vocab_size=vocab, max_seq_len=ctx
+    )
     if fam["pos_emb"] == "learned":
         cfg.update(n_kv_heads=n_heads, d_ff=4 * d)
     else:
@@ -294,13 +382,22 @@ def preset(family: str = "llama", size: str = "debug", **overrides) -> ModelConf
 
 # ---------------------------------------------------------------------------------------------- HF mapping
 _ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
-_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-                "silu": "silu", "swish": "silu", "relu": "relu"}
+_ACT_FROM_HF = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "silu": "silu",
+    "swish": "silu",
+    "relu": "relu",
+}
 
 
 def _hf_act(name: str | None, field_name: str) -> str:
     if name not in _ACT_FROM_HF:
-        raise ValueError(f"config.json {field_name}={name!r} is not supported (supported: {', '.join(_ACT_FROM_HF)})")
+        raise ValueError(
+            f"config.json {field_name}={name!r} is not supported (supported: {', '.join(_ACT_FROM_HF)})"
+        )
     return _ACT_FROM_HF[name]
 
 
@@ -313,8 +410,10 @@ def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
         params = {**params, **scaling}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
-        raise ValueError(f"config.json: RoPE scaling type {kind!r} is not supported by lmforge "
-                         f"(supported: {', '.join(ROPE_TYPES)}); loading it would give a wrong model")
+        raise ValueError(
+            f"config.json: RoPE scaling type {kind!r} is not supported by lmforge "
+            f"(supported: {', '.join(ROPE_TYPES)}); loading it would give a wrong model"
+        )
     if kind == "default":
         return float(theta), None
     params.pop("type", None)
@@ -326,17 +425,23 @@ def from_hf(d: dict) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict of one of the six families."""
     mt = d.get("model_type")
     if mt not in FAMILY_OF_MODEL_TYPE:
-        raise ValueError(f"config.json model_type={mt!r} is not supported; lmforge reads "
-                         f"{', '.join(FAMILY_OF_MODEL_TYPE)}")
+        raise ValueError(
+            f"config.json model_type={mt!r} is not supported; lmforge reads {', '.join(FAMILY_OF_MODEL_TYPE)}"
+        )
     family = FAMILY_OF_MODEL_TYPE[mt]
-    ids = dict(bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
-               pad_token_id=d.get("pad_token_id"))
+    ids = dict(
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"),
+    )
     for k, v in list(ids.items()):  # HF allows a list of eos ids; lmforge keeps the first as the default
         if isinstance(v, list):
             ids[k] = v = v[0] if v else None
         if v is not None and not 0 <= v < d["vocab_size"]:  # transformers only warns about these too
-            warnings.warn(f"config.json {k}={v} is outside the vocabulary of {d['vocab_size']}; ignoring it",
-                          stacklevel=2)
+            warnings.warn(
+                f"config.json {k}={v} is outside the vocabulary of {d['vocab_size']}; ignoring it",
+                stacklevel=2,
+            )
             ids[k] = None
     extra = {k: d[k] for k in ("quantization_config", "lmforge") if k in d}
     if family in ("gpt", "gpt2"):
@@ -350,73 +455,135 @@ def from_hf(d: dict) -> ModelConfig:
         # Original GPT's "gelu" is the tanh approximation (HF's gelu_new).
         act = "gelu_tanh" if (family == "gpt" and act == "gelu") else _hf_act(act, act_key)
         return ModelConfig(
-            family=family, **FAMILIES[family] | dict(act=act, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                                                     tie_embeddings=d.get("tie_word_embeddings", True)),
-            vocab_size=d["vocab_size"], d_model=n_embd, n_layers=d.get("n_layer", 12), n_heads=d.get("n_head", 12),
-            d_ff=d.get("n_inner") or 4 * n_embd, max_seq_len=d.get("n_positions", 1024),
+            family=family,
+            **FAMILIES[family]
+            | dict(
+                act=act,
+                norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=d.get("tie_word_embeddings", True),
+            ),
+            vocab_size=d["vocab_size"],
+            d_model=n_embd,
+            n_layers=d.get("n_layer", 12),
+            n_heads=d.get("n_head", 12),
+            d_ff=d.get("n_inner") or 4 * n_embd,
+            max_seq_len=d.get("n_positions", 1024),
             init_std=d.get("initializer_range", 0.02),
-            extra=extra, **ids)
+            extra=extra,
+            **ids,
+        )
     theta, scaling = _rope_from_hf(d)
     fam = dict(FAMILIES[family])
     act_key = "hidden_activation" if family == "gemma" and d.get("hidden_activation") else "hidden_act"
     fam.update(
         act=_hf_act(d.get(act_key, "silu"), act_key),
-        rope_theta=theta, rope_scaling=scaling,
+        rope_theta=theta,
+        rope_scaling=scaling,
         norm_eps=d.get("rms_norm_eps", fam["norm_eps"]),
-        attn_bias=bool(d.get("attention_bias", False)), mlp_bias=bool(d.get("mlp_bias", False)),
+        attn_bias=bool(d.get("attention_bias", False)),
+        mlp_bias=bool(d.get("mlp_bias", False)),
         tie_embeddings=bool(d.get("tie_word_embeddings", family == "gemma")),
         sliding_window=d.get("sliding_window") if family in ("mistral", "mixtral") else None,
     )
     if d.get("use_sliding_window") is False:
         fam["sliding_window"] = None
     if family == "mixtral":
-        fam.update(n_experts=d.get("num_local_experts", 8), n_experts_per_tok=d.get("num_experts_per_tok", 2),
-                   router_aux_loss_coef=d.get("router_aux_loss_coef", 0.02))
+        fam.update(
+            n_experts=d.get("num_local_experts", 8),
+            n_experts_per_tok=d.get("num_experts_per_tok", 2),
+            router_aux_loss_coef=d.get("router_aux_loss_coef", 0.02),
+        )
     return ModelConfig(
-        family=family, **fam, vocab_size=d["vocab_size"], d_model=d["hidden_size"],
-        n_layers=d["num_hidden_layers"], n_heads=d["num_attention_heads"],
-        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"], head_dim=d.get("head_dim"),
-        d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
-        init_std=d.get("initializer_range", 0.02), extra=extra, **ids)
+        family=family,
+        **fam,
+        vocab_size=d["vocab_size"],
+        d_model=d["hidden_size"],
+        n_layers=d["num_hidden_layers"],
+        n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        head_dim=d.get("head_dim"),
+        d_ff=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        init_std=d.get("initializer_range", 0.02),
+        extra=extra,
+        **ids,
+    )
 
 
 def to_hf(c: ModelConfig) -> dict:
     """The family's Hugging Face config.json dict for `c` (errors if the family cannot express it)."""
     base = FAMILIES[c.family]
     # The HF implementations of a family hard-code some switches; refuse configs they cannot express.
-    fixed = [k for k in ("pos_emb", "norm", "post_norm", "final_norm", "mlp", "norm_unit_offset", "embed_scale")
-             if getattr(c, k) != base.get(k, getattr(ModelConfig, k, None))]
+    fixed = [
+        k
+        for k in ("pos_emb", "norm", "post_norm", "final_norm", "mlp", "norm_unit_offset", "embed_scale")
+        if getattr(c, k) != base.get(k, getattr(ModelConfig, k, None))
+    ]
     if fixed:
-        raise ValueError(f"a {c.family} checkpoint cannot express {', '.join(fixed)} != the family's value; "
-                         "pick the family that has these switches")
-    d: dict = {"architectures": [HF_ARCHITECTURE[c.family]], "model_type": HF_MODEL_TYPE[c.family],
-               "vocab_size": c.vocab_size}
+        raise ValueError(
+            f"a {c.family} checkpoint cannot express {', '.join(fixed)} != the family's value; "
+            "pick the family that has these switches"
+        )
+    d: dict = {
+        "architectures": [HF_ARCHITECTURE[c.family]],
+        "model_type": HF_MODEL_TYPE[c.family],
+        "vocab_size": c.vocab_size,
+    }
     ids = {k: getattr(c, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if c.family in ("gpt", "gpt2"):
         if c.n_kv_heads != c.n_heads or c.head_dim * c.n_heads != c.d_model:
-            raise ValueError(f"{c.family} checkpoints need n_kv_heads == n_heads and head_dim == d_model // n_heads")
+            raise ValueError(
+                f"{c.family} checkpoints need n_kv_heads == n_heads and head_dim == d_model // n_heads"
+            )
         if not (c.attn_bias and c.mlp_bias):
-            raise ValueError(f"{c.family} checkpoints always have biases (attn_bias and mlp_bias must be true)")
-        d.update(n_embd=c.d_model, n_layer=c.n_layers, n_head=c.n_heads, n_positions=c.max_seq_len,
-                 layer_norm_epsilon=c.norm_eps, initializer_range=c.init_std, tie_word_embeddings=c.tie_embeddings,
-                 resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+            raise ValueError(
+                f"{c.family} checkpoints always have biases (attn_bias and mlp_bias must be true)"
+            )
+        d.update(
+            n_embd=c.d_model,
+            n_layer=c.n_layers,
+            n_head=c.n_heads,
+            n_positions=c.max_seq_len,
+            layer_norm_epsilon=c.norm_eps,
+            initializer_range=c.init_std,
+            tie_word_embeddings=c.tie_embeddings,
+            resid_pdrop=c.dropout,
+            embd_pdrop=c.dropout,
+            attn_pdrop=c.dropout,
+        )
         if c.family == "gpt":
             if c.d_ff != 4 * c.d_model:
                 raise ValueError("gpt (openai-gpt) checkpoints need d_ff == 4 * d_model")
             if c.act not in ("gelu_tanh", "relu", "silu"):
                 raise ValueError("gpt (openai-gpt) supports act gelu_tanh, relu or silu")
-            d["afn"] = {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}[c.act]
+            d.update(afn={"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}[c.act], **ids)
         else:
-            d.update(n_inner=c.d_ff, activation_function={"gelu_tanh": "gelu_new"}.get(c.act, c.act),
-                     scale_attn_weights=True, **ids)
+            d.update(
+                n_inner=c.d_ff,
+                activation_function={"gelu_tanh": "gelu_new"}.get(c.act, c.act),
+                scale_attn_weights=True,
+                **ids,
+            )
         return d | {k: v for k, v in c.extra.items()}
-    d.update(hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
-             num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-             max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, initializer_range=c.init_std,
-             tie_word_embeddings=c.tie_embeddings, attention_dropout=c.dropout,
-             rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-             rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta} if c.rope_scaling is None
-             else {**c.rope_scaling, "rope_theta": c.rope_theta}, **ids)
+    d.update(
+        hidden_size=c.d_model,
+        intermediate_size=c.d_ff,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len,
+        rms_norm_eps=c.norm_eps,
+        initializer_range=c.init_std,
+        tie_word_embeddings=c.tie_embeddings,
+        attention_dropout=c.dropout,
+        rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}
+        if c.rope_scaling is None
+        else {**c.rope_scaling, "rope_theta": c.rope_theta},
+        **ids,
+    )
     act = _ACT_TO_HF[c.act]
     if c.family == "gemma":
         d.update(hidden_act=act, hidden_activation=act, attention_bias=c.attn_bias)
@@ -425,15 +592,20 @@ def to_hf(c: ModelConfig) -> dict:
     if c.family == "llama":
         d.update(attention_bias=c.attn_bias, mlp_bias=c.mlp_bias)
     elif c.mlp_bias or (c.attn_bias and c.family != "gemma"):
-        raise ValueError(f"{c.family} checkpoints cannot express these projection biases; "
-                         "set attn_bias/mlp_bias to false or use the llama family")
+        raise ValueError(
+            f"{c.family} checkpoints cannot express these projection biases; "
+            "set attn_bias/mlp_bias to false or use the llama family"
+        )
     if c.family in ("mistral", "mixtral"):
         d["sliding_window"] = c.sliding_window
     elif c.sliding_window is not None:
         raise ValueError(f"{c.family} has no sliding window; use the mistral family")
     if c.family == "mixtral":
-        d.update(num_local_experts=c.n_experts, num_experts_per_tok=c.n_experts_per_tok,
-                 router_aux_loss_coef=c.router_aux_loss_coef)
+        d.update(
+            num_local_experts=c.n_experts,
+            num_experts_per_tok=c.n_experts_per_tok,
+            router_aux_loss_coef=c.router_aux_loss_coef,
+        )
     elif c.n_experts:
         raise ValueError(f"{c.family} has no mixture of experts; use the mixtral family")
     return d | {k: v for k, v in c.extra.items()}

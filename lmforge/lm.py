@@ -1,9 +1,9 @@
 """`lmforge.load(path)`: a model, its tokenizer and its config behind one small object.
 
-    lm = lmforge.load("runs/quickstart/final")
-    logits = lm([[1, 2, 3]])            # (B, T, V) float tensor
-    text = lm.generate("def add(a, b):", max_new_tokens=32)
-    lm.save("copy")
+lm = lmforge.load("runs/quickstart/final")
+logits = lm([[1, 2, 3]])            # (B, T, V) float tensor
+text = lm.generate("def add(a, b):", max_new_tokens=32)
+lm.save("copy")
 """
 
 from __future__ import annotations

@@ -105,8 +105,14 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.cfg.dropout if self.training else 0.0,
-            scale=self.hd**-0.5, enable_gqa=self.n_kv != self.n_heads,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=self.cfg.dropout if self.training else 0.0,
+            scale=self.hd**-0.5,
+            enable_gqa=self.n_kv != self.n_heads,
         )  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.cfg.q_dim))
 
@@ -221,7 +227,9 @@ class Transformer(nn.Module):
             if name.endswith("bias"):
                 nn.init.zeros_(p)
                 continue
-            residual = name.endswith(("wo.weight", "w_out.weight", "mlp.w_out"))  # projections into the stream
+            residual = name.endswith(
+                ("wo.weight", "w_out.weight", "mlp.w_out")
+            )  # projections into the stream
             s = std / math.sqrt(2 * self.config.n_layers) if residual else std
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu").mul_(s))
         for m in self.modules():
@@ -265,7 +273,9 @@ class Transformer(nn.Module):
             pos, mask, is_causal = cache.prepare(T, valid)
         else:
             if T > cfg.max_seq_len:
-                raise ValueError(f"input of {T} tokens is longer than the model's context of {cfg.max_seq_len}")
+                raise ValueError(
+                    f"input of {T} tokens is longer than the model's context of {cfg.max_seq_len}"
+                )
             pos = positions_from_valid(valid, 0, T, idx.device)
             if valid is None and (cfg.sliding_window is None or T <= cfg.sliding_window):
                 mask, is_causal = None, True
@@ -293,10 +303,15 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        loss = F.cross_entropy(
+            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+        )
         if cfg.n_experts and self.training:
-            self.aux_loss = load_balancing_loss([b.mlp.router_logits for b in self.blocks], cfg.n_experts_per_tok,
-                                                valid.reshape(-1) if valid is not None else None)
+            self.aux_loss = load_balancing_loss(
+                [b.mlp.router_logits for b in self.blocks],
+                cfg.n_experts_per_tok,
+                valid.reshape(-1) if valid is not None else None,
+            )
             loss = loss + cfg.router_aux_loss_coef * self.aux_loss
         return loss
 
@@ -309,9 +324,13 @@ class Transformer(nn.Module):
                 n += p.numel()
         return n
 
-    def new_cache(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
         w = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, w.device, dtype or w.dtype)
+        return KVCache(
+            self.config, batch_size, max_len or self.config.max_seq_len, w.device, dtype or w.dtype
+        )
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, valid: torch.Tensor | None = None):
@@ -332,7 +351,9 @@ def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, valid: to
     return (f * p[None]).sum() * E
 
 
-def build(cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None, meta: bool = False) -> Transformer:
+def build(
+    cfg: ModelConfig, device="cpu", dtype: torch.dtype | None = None, meta: bool = False
+) -> Transformer:
     """Build a model; with meta=True no memory is allocated (inspect shapes, count parameters)."""
     if meta:
         with torch.device("meta"):

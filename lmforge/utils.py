@@ -83,8 +83,14 @@ def atomic_dir(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------
 # Devices and dtypes.
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -97,9 +103,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine. Use --device cpu or auto.")
+        raise UserError(
+            f"--device {device}: CUDA is not available on this machine. Use --device cpu or auto."
+        )
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"--device {device}: Apple MPS is not available on this machine. Use --device cpu or auto.")
+        raise UserError(
+            f"--device {device}: Apple MPS is not available on this machine. Use --device cpu or auto."
+        )
     return dev
 
 
@@ -116,8 +126,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise UserError("--dtype bf16: this GPU does not support bfloat16. Use --dtype fp16 or fp32.")
     if device.type == "cpu" and dt == torch.float16:
-        raise UserError("--dtype fp16 is not supported on CPU (PyTorch's CPU fp16 kernels are slow or missing). "
-                        "Use --dtype bf16 or fp32.")
+        raise UserError(
+            "--dtype fp16 is not supported on CPU (PyTorch's CPU fp16 kernels are slow or missing). "
+            "Use --dtype bf16 or fp32."
+        )
     return dt
 
 
