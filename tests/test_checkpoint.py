@@ -175,12 +175,22 @@ def test_cli_user_errors_have_no_traceback(tmp_path):
 
 
 def test_every_command_has_help_with_examples():
+    """Every command (and sub-command, e.g. `tokenizer train`) shows examples and documents every option."""
+    import argparse
+
     from lmforge.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    assert len(sub.choices) >= 2
-    for name, p in sub.choices.items():
+    def leaves(parser, name=""):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield name, parser
+        for sub in subs:
+            for child, p in sub.choices.items():
+                yield from leaves(p, f"{name} {child}".strip())
+
+    commands = list(leaves(build_parser()))
+    assert len(commands) >= 2
+    for name, p in commands:
         assert "examples:" in (p.epilog or ""), name
         for action in p._actions:
             if action.dest != "help":
