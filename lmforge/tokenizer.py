@@ -13,6 +13,7 @@ Notable features:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,7 +65,9 @@ def _tokenizers():
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable character that stands for each byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -100,31 +103,28 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self._tok = tokenizer
         self._skip = skip_special
-        self._ids: list[int] = []
-        self._prefix = 0  # start of the decode window
-        self._read = 0  # tokens before this were emitted
+        self._ids: list[int] = []  # the last emitted chunk (context), then tokens not yet emitted
+        self._read = 0  # ids[:read] were emitted
 
-    def _decode(self, ids) -> str:
-        return self._tok.decode(ids, skip_special=self._skip)
+    def _pending(self) -> str:
+        """Text of the tokens not yet emitted, decoded in the context of the last emitted chunk."""
+        prefix_text = self._tok.decode(self._ids[: self._read], skip_special=self._skip)
+        return self._tok.decode(self._ids, skip_special=self._skip)[len(prefix_text) :]
 
     def push(self, token_id: int) -> str:
         self._ids.append(int(token_id))
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            out = new_text[len(prefix_text) :]
-            # Drop what is no longer needed as context so the window stays short.
-            del self._ids[: self._read]
-            self._prefix, self._read = 0, len(self._ids)
-            return out
-        return ""
+        out = self._pending()
+        if not out or out.endswith("\ufffd"):
+            return ""  # nothing yet, or a character still incomplete
+        del self._ids[: self._read]  # keep only the chunk just emitted as context
+        self._read = len(self._ids)
+        return out
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character decodes as U+FFFD, as `decode` would)."""
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
-        new_text = self._decode(self._ids[self._prefix :])
-        self._ids, self._prefix, self._read = [], 0, 0
-        return new_text[len(prefix_text) :]
+        out = self._pending()
+        self._ids, self._read = [], 0
+        return out
 
 
 class Tokenizer:
@@ -189,9 +189,9 @@ class Tokenizer:
             if (p / "chat_template.jinja").is_file():  # transformers >= 4.47 may save it separately
                 tpl = (p / "chat_template.jinja").read_text(encoding="utf-8")
             return cls(text, config, tpl)
-        except (ValueError, Exception) as e:  # tokenizers raises plain Exception on a bad file
-            if isinstance(e, UserError):
-                raise
+        except UserError:
+            raise
+        except Exception as e:  # json errors, and tokenizers raises a plain Exception on a bad file
             raise UserError(f"cannot read the tokenizer in {p}: {e}") from e
 
     def save(self, directory: str | os.PathLike) -> None:
@@ -199,35 +199,64 @@ class Tokenizer:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(d / "tokenizer.json", self._json)
-        atomic_write_text(d / "tokenizer_config.json", json.dumps(self.hf_config(), indent=2, ensure_ascii=False))
+        atomic_write_text(
+            d / "tokenizer_config.json", json.dumps(self.hf_config(), indent=2, ensure_ascii=False)
+        )
 
     def hf_config(self) -> dict:
-        """`tokenizer_config.json` for transformers: no automatic BOS (our template and callers add it)."""
+        """`tokenizer_config.json` for transformers: no automatic BOS (our template and callers add it).
+
+        Settings of a loaded tokenizer's own config (a Llama's tokenizer_class, say) are kept.
+        """
         cfg = dict(self.config)
         names = {i: t for t, i in self._tk.get_vocab(with_added_tokens=True).items()}
         for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
-            if i is not None:
+            if i is not None and _token_name(cfg.get(key)) is None:
                 cfg[key] = names[i]
-        cfg.update(
-            tokenizer_class="PreTrainedTokenizerFast",
-            model_max_length=self.model_max_length,
-            add_bos_token=False,
-            add_eos_token=False,
-            clean_up_tokenization_spaces=False,
-        )
+        defaults = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": self.model_max_length,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+        }
+        for k, v in defaults.items():
+            cfg.setdefault(k, v)
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         return cfg
 
     # ----------------------------------------------------------------------------- encode / decode
-    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, bos: bool = False, eos: bool = False, *, special: bool = True) -> list[int]:
+        """Ids of `text`, with BOS/EOS only when asked for.
+
+        `special=True` (as transformers does) turns special-token text such as "<|user|>" into that
+        token; `special=False` encodes it as plain text, which is what `data prepare` does with
+        documents so that no document can inject a role marker.
+        """
+        with self._special(special):
+            ids = self._tk.encode(text, add_special_tokens=False).ids
         return self._wrap(ids, bos, eos)
 
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], bos: bool = False, eos: bool = False, *, special: bool = True
+    ) -> list[list[int]]:
         """Encode many texts at once (the Rust side uses all cores unless TOKENIZERS_PARALLELISM=false)."""
         enc = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)  # _fast skips offsets
-        return [self._wrap(e.ids, bos, eos) for e in enc(list(texts), add_special_tokens=False)]
+        with self._special(special):
+            out = enc(list(texts), add_special_tokens=False)
+        return [self._wrap(e.ids, bos, eos) for e in out]
+
+    @contextlib.contextmanager
+    def _special(self, special: bool):
+        if special:
+            yield
+            return
+        self._tk.encode_special_tokens = True  # split special-token text like any other text
+        try:
+            yield
+        finally:
+            self._tk.encode_special_tokens = False
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
         if bos:
@@ -311,7 +340,9 @@ class Tokenizer:
                 names[key] = self._tk.id_to_token(i)
         try:
             return self._jinja.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **{k: v or "" for k, v in names.items()}
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                **{k: v or "" for k, v in names.items()},
             )
         except UserError:
             raise
@@ -323,7 +354,9 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt))
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, hash={self.hash}, specials={len(self.special_tokens)})"
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, hash={self.hash}, specials={len(self.special_tokens)})"
+        )
 
 
 def _compile_template(source: str):
