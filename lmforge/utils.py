@@ -1,4 +1,8 @@
-"""Small shared helpers: user-facing errors, atomic writes, device and dtype selection."""
+"""Small shared helpers: user-facing errors, atomic writes, device and dtype selection.
+
+torch is imported inside the functions that need it, so that importing UserError stays cheap
+(`lmforge --help` and spawned data workers never pay for torch).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
 
 
 class UserError(ValueError):
@@ -83,18 +85,14 @@ def atomic_dir(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------
 # Devices and dtypes.
 
-DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
 
 
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """`auto` picks CUDA, then Apple MPS, then CPU. An explicit device that is not present is an error."""
+def resolve_device(device=None):
+    """`auto` (or None) picks CUDA, then Apple MPS, then CPU. An explicit device that is absent is an error."""
+    import torch
+
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -113,16 +111,24 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """Map fp32/bf16/fp16 to a torch dtype, refusing combinations the device cannot run."""
+def parse_dtype(dtype):
+    """fp32/bf16/fp16 (or their long names, or a torch.dtype) -> torch.dtype; anything else is a UserError."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
-        dt = dtype
-    elif dtype is None or dtype == "auto":
+        return dtype
+    if dtype not in DTYPE_NAMES:
+        raise UserError(f"--dtype {dtype!r} is not known; choose one of fp32, bf16, fp16.")
+    return getattr(torch, DTYPE_NAMES[dtype])
+
+
+def resolve_dtype(dtype, device):
+    """Like parse_dtype (None or auto -> fp32), refusing combinations the device cannot run."""
+    import torch
+
+    if dtype is None or dtype == "auto":
         return torch.float32
-    else:
-        if dtype not in DTYPES:
-            raise UserError(f"--dtype {dtype!r} is not known; choose one of fp32, bf16, fp16.")
-        dt = DTYPES[dtype]
+    dt = parse_dtype(dtype)
     if device.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         raise UserError("--dtype bf16: this GPU does not support bfloat16. Use --dtype fp16 or fp32.")
     if device.type == "cpu" and dt == torch.float16:
