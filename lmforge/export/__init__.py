@@ -1,0 +1,93 @@
+"""Export a checkpoint for other runtimes: ONNX (onnxruntime), GGUF (llama.cpp) and Ollama.
+
+    from lmforge.export import export
+    export("runs/quickstart/final", "onnx", with_cache=True)     # -> runs/quickstart/final-onnx/
+    export("runs/quickstart/final", "gguf", dtype="q8_0")        # -> runs/quickstart/final-q8_0.gguf
+    export("runs/quickstart/final", "ollama")                    # -> runs/quickstart/final-ollama/
+
+Each format lives in its own module (onnx.py, gguf.py, ollama.py) and imports its runtime lazily;
+onnx_runner.py generates greedily from an ONNX export with onnxruntime alone. See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lmforge.utils import UserError
+
+FORMATS = ("onnx", "gguf", "ollama")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # also gguf.DTYPES; here to check options without imports
+
+
+def check_out_path(out: Path, kind: str = "file") -> None:
+    """Fail early (before any work) when `out` cannot be written."""
+    if out.exists() and (out.is_dir() if kind == "file" else not out.is_dir()):
+        raise UserError(
+            f"{out}: exists and is a {'directory' if kind == 'file' else 'file'}; give a {kind} path"
+        )
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{out}: cannot be created, {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{out}: cannot be written, {parent} is not writable")
+
+
+def default_out(checkpoint: str | os.PathLike, fmt: str, dtype: str | None = None) -> Path:
+    """Where an export goes when --out is not given: next to the checkpoint directory."""
+    p = Path(checkpoint).resolve()
+    if fmt == "gguf":
+        return p.with_name(f"{p.name}-{dtype or 'f16'}.gguf")
+    return p.with_name(f"{p.name}-{fmt}")
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    fmt: str,
+    out: str | os.PathLike | None = None,
+    *,
+    dtype: str | None = None,
+    with_cache: bool = False,
+    opset: int | None = None,
+    check: bool = True,
+) -> Path:
+    """Export `checkpoint` (an HF model directory) to `fmt` (onnx, gguf or ollama); returns the path.
+
+    dtype: GGUF/Ollama weight type (f32, f16, bf16, q8_0; default f16); ONNX is fp32 only.
+    with_cache: ONNX: also write the decoder-step model with past/present key-value tensors.
+    opset: ONNX opset (>= 17, default 18). check: ONNX: compare onnxruntime with PyTorch first.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    # Options first, then the checkpoint: both fail before any work is done.
+    if fmt == "onnx":
+        if dtype not in (None, "f32", "fp32", "float32"):
+            raise UserError(f"--dtype {dtype}: ONNX export is fp32 only (quantize with onnxruntime tools)")
+    else:
+        if with_cache:
+            raise UserError(f"--with-cache is an ONNX option; it does not apply to --format {fmt}")
+        if opset is not None:
+            raise UserError(f"--opset is an ONNX option; it does not apply to --format {fmt}")
+        dtype = dtype or "f16"
+        if dtype not in GGUF_DTYPES:
+            raise UserError(f"--dtype {dtype!r}: {fmt} export writes {', '.join(GGUF_DTYPES)}")
+    from lmforge.checkpoint import read_config
+
+    read_config(checkpoint)  # a missing or broken checkpoint fails here
+    out = Path(out) if out is not None else default_out(checkpoint, fmt, dtype)
+    if fmt == "onnx":
+        from lmforge.export.onnx import DEFAULT_OPSET, export_onnx
+
+        return export_onnx(checkpoint, out, with_cache=with_cache, opset=opset or DEFAULT_OPSET, check=check)
+    if fmt == "gguf":
+        from lmforge.export.gguf import export_gguf
+
+        return export_gguf(checkpoint, out, dtype=dtype)
+    from lmforge.export.ollama import export_ollama
+
+    return export_ollama(checkpoint, out, dtype=dtype)
+
+
+__all__ = ["FORMATS", "default_out", "export"]
