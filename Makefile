@@ -6,7 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH)
 
-.PHONY: install quickstart test lint format clean
+# llama.cpp's Python binding builds from source (~10 minutes on 2 cores the first time; pip caches the
+# wheel). Only the GGUF-vs-llama.cpp tests need it; they skip with the reason if the build fails.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: install test-deps quickstart test lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +23,19 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# What only the test suite needs beyond the Python packages: llama.cpp and a headless Chromium.
+$(VENV)/.test-deps: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet "llama-cpp-python>=0.3" \
+		|| echo "llama-cpp-python could not be built: the llama.cpp comparison tests will skip"
+	sh scripts/ensure_chromium.sh
+	@touch $@
+
+test-deps: $(VENV)/.test-deps
+
 quickstart: install
 	$(BIN)/lmforge quickstart $(ARGS)
 
-test: install
+test: install test-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
