@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from lmforge.config import preset
 from lmforge.model import MoE, Norm, apply_rope, build, load_balancing_loss, rope_inv_freq
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """These tests compare values only; gradients are switched off per test, never for the session."""
+    with torch.no_grad():
+        yield
 
 
 def test_rmsnorm_matches_formula():
