@@ -11,6 +11,8 @@ Notable features
 - MoE experts stored as (E, ...) tensors and dispatched expert by expert over the tokens routed to
   them (a loop over experts, never over tokens); Mixtral's load-balancing loss
 - can be built on the meta device and materialised later, so a 7B config costs nothing to inspect
+- the training loss never holds the (B, T, V) logits: output projection and cross-entropy run in row
+  chunks, with d loss / d logits used at once (linear_cross_entropy)
 
 Shapes: B batch, T tokens in this call, S keys attended to, d model width, H query heads,
 KV key/value heads, hd head size, E experts, V vocabulary.
@@ -104,17 +106,37 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.cfg.dropout if self.training else 0.0,
-            scale=self.hd**-0.5,
-            enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, H, T, hd)
+        if T <= 16 and not is_causal and x.device.type == "cpu" and x.dtype != torch.float32:
+            y = few_query_attention(q, k, v, mask, self.hd**-0.5)  # decode: see its docstring
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=self.cfg.dropout if self.training else 0.0,
+                scale=self.hd**-0.5,
+                enable_gqa=self.n_kv != self.n_heads,
+            )  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.cfg.q_dim))
+
+
+def few_query_attention(q, k, v, mask, scale):
+    """Attention of a few queries (decode steps, speculative verification) as two fp32 batched matmuls.
+
+    For bf16 on CPU, PyTorch's fused attention kernel is several times slower than this when T is
+    small (2.3 ms vs 0.5 ms per layer at 2048 keys, 0.15 vs 0.06 ms at 128), which dominates decoding
+    at long contexts; computing in fp32 is also more accurate. q (B, H, T, hd); k, v (B, KV, S, hd),
+    query head h reading key/value head h // (H / KV); mask (B, 1, T, S) bool (True = visible) or None."""
+    B, H, T, hd = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    G = H // KV
+    qg = q.reshape(B * KV, G * T, hd).float()  # the G query heads of each KV head, (B KV, G T, hd)
+    s = torch.bmm(qg, k.reshape(B * KV, S, hd).float().transpose(1, 2)) * scale  # (B KV, G T, S)
+    if mask is not None:
+        s = s.view(B, KV, G, T, S).masked_fill(~mask[:, :, None], float("-inf")).view(B * KV, G * T, S)
+    return torch.bmm(s.softmax(dim=-1), v.reshape(B * KV, S, hd).float()).view(B, H, T, hd).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -300,12 +322,9 @@ class Transformer(nn.Module):
             return x
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-        )
+            return self.lm_head(x)  # (B, T, V)
+        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
         if cfg.n_experts and self.training:
             self.aux_loss = load_balancing_loss(
                 [b.mlp.router_logits for b in self.blocks],
@@ -331,6 +350,65 @@ class Transformer(nn.Module):
         return KVCache(
             self.config, batch_size, max_len or self.config.max_seq_len, w.device, dtype or w.dtype
         )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked output projection + mean cross-entropy; gradients are formed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, dtype, grad):
+        # x (N, d), weight (V, d), targets (N,) with -100 = ignore
+        N, V = x.shape[0], weight.shape[0]
+        need_x, need_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(dtype)
+            loss = torch.zeros((), dtype=torch.float32, device=x.device)
+            gx = torch.empty_like(x) if need_x else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+            rows = max(1, (1 << (26 if x.is_cuda else 23)) // V)  # fp32 logits per chunk: 256 MB / 32 MB
+            for s in range(0, N, rows):
+                xs, t = x[s : s + rows].to(dtype), targets[s : s + rows]
+                ok, tt = t != -100, t.clamp(min=0)[:, None]
+                logits = (xs @ w.t()).float()  # (rows, V)
+                lse = torch.logsumexp(logits, dim=-1)
+                loss += ((lse - logits.gather(1, tt).squeeze(1)) * ok).sum()
+                if need_x or need_w:
+                    # softmax in place (ignored rows: exp(-inf) = 0), minus one-hot = d loss_row / d logits
+                    p = logits.sub_(lse.masked_fill(~ok, float("inf"))[:, None]).exp_()
+                    p.scatter_add_(1, tt, -ok[:, None].float())
+                    p = p.to(dtype)
+                    if need_x:
+                        gx[s : s + rows] = p @ w
+                    if need_w:
+                        gw += p.t() @ xs
+            n = (targets != -100).sum()
+        ctx.save_for_backward(gx, gw, n)
+        ctx.weight_dtype = weight.dtype
+        return loss / n  # nan when every target is ignored, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, g):
+        gx, gw, n = ctx.saved_tensors
+        s = g / n
+        return (
+            gx * s if gx is not None else None,
+            (gw * s).to(ctx.weight_dtype) if gw is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(F.linear(x, weight).float(), targets, ignore_index=-100) without the (N, V)
+    logits or their gradient ever existing whole: rows go through in chunks, and softmax - one-hot is
+    turned into the gradients of x (N, d) and weight (V, d) at once, which backward only scales.
+    Fewer passes over N x V memory: about 1.3x faster bf16 training steps on CPU, and on GPU the
+    logits of a 32K vocabulary no longer cost gigabytes. The matmuls run in the autocast dtype."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(x, weight, targets, dtype, grad)
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, valid: torch.Tensor | None = None):

@@ -1,0 +1,499 @@
+"""Training configuration: dataclasses that read the same from YAML recipes and from the command line.
+
+    lmforge pretrain --config configs/tiny-cpu.yaml --train.lr 3e-4 --model.size tiny
+    # is the same as a YAML file with   train: {lr: 3e-4}   model: {size: tiny}
+
+Precedence: dataclass defaults < the run's saved config.yaml (when resuming) < --config YAML < options.
+Every field's docstring is its --help text (read from the source with `ast`, as litgpt does), so the
+help cannot drift from the code. `model:` takes family/size/init_from plus any ModelConfig field
+(`--model.d_model 128`), which overrides the preset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import re
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from lmforge.config import ModelConfig
+
+
+def UserError(message: str):  # noqa: N802 - lmforge.utils imports torch; `lmforge --help` should not
+    from lmforge.utils import UserError as _UserError
+
+    return _UserError(message)
+
+
+@dataclass
+class ModelSection:
+    """Which model to train. Any ModelConfig field (d_model, n_layers, dropout, ...) may be set here too."""
+
+    family: str = "llama"
+    """architecture family of a new model: gpt, gpt2, llama, mistral, mixtral or gemma"""
+    size: str = "tiny"
+    """preset size of a new model: debug, tiny, small, 125m, 350m, 1b (see lmforge.config.SIZES)"""
+    init_from: str | None = None
+    """start from this lmforge or Hugging Face checkpoint directory (fine-tuning); family/size are then ignored"""
+    overrides: dict = field(default_factory=dict)
+    """ModelConfig fields that override the preset (written flat under model: in YAML)"""
+
+
+@dataclass
+class DataSection:
+    """What to train on."""
+
+    path: str | None = None
+    """pretraining: a token-shard directory from `lmforge data prepare`; fine-tuning: a chat/instruction .jsonl"""
+    seq_len: int = 256
+    """tokens per training sequence"""
+    tokenizer: str | None = None
+    """tokenizer directory (default: the one in the data directory, else the init_from checkpoint's)"""
+    doc_aligned: bool = False
+    """pretraining: start every sequence at a document boundary instead of packing documents back to back"""
+    val_path: str | None = None
+    """fine-tuning: a separate validation .jsonl (default: a held-out slice of data.path)"""
+
+
+@dataclass
+class TrainSection:
+    """Optimisation."""
+
+    batch_size: int = 16
+    """sequences per forward pass on one process (the micro-batch)"""
+    global_batch_tokens: int | None = None
+    """tokens per optimizer step over all processes; gradient accumulation makes up the difference (default: one micro-batch per process)"""
+    max_steps: int | None = None
+    """optimizer steps to train for (give this or train.tokens)"""
+    tokens: int | None = None
+    """tokens to train on (e.g. 20M); converted to steps with the global batch"""
+    lr: float = 1e-3
+    """peak learning rate"""
+    min_lr_ratio: float = 0.1
+    """the schedule decays to lr * min_lr_ratio"""
+    schedule: str = "cosine"
+    """learning-rate schedule after warmup: cosine, wsd (warmup-stable-decay) or constant"""
+    warmup_steps: int = 100
+    """linear warmup from 0 to lr over this many steps (capped at a tenth of the run)"""
+    decay_fraction: float = 0.2
+    """wsd: fraction of the steps spent in the final linear decay"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (never on norms, biases, embeddings or LoRA's B)"""
+    beta1: float = 0.9
+    """AdamW beta1"""
+    beta2: float = 0.95
+    """AdamW beta2"""
+    eps: float = 1e-8
+    """AdamW epsilon"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm to this (0 = no clipping)"""
+    freeze_embeddings: bool = False
+    """keep token/position embeddings (and a tied output layer) fixed"""
+    skip_nonfinite: bool = False
+    """skip an optimizer step whose loss or gradient is NaN/inf instead of stopping the run"""
+    compile: bool = False
+    """torch.compile the model (faster on GPU after a minute of compiling)"""
+    activation_checkpointing: bool = False
+    """recompute each block's activations in the backward pass: less memory, ~30% more compute"""
+    max_time: float | None = None
+    """stop in time to finish (final evaluation, checkpoint, final/) within this many seconds of wall-clock time"""
+    keep_zeros: bool = False
+    """keep weights that are exactly zero in the starting model at zero (recovery fine-tuning of a pruned model)"""
+
+
+@dataclass
+class EvalSection:
+    """Validation during training."""
+
+    every: int = 250
+    """evaluate every this many steps (0 = only at the end)"""
+    batches: int = 20
+    """validation batches per evaluation (the same batches every time)"""
+    samples: int = 2
+    """continuations to sample and log at each evaluation (0 = none)"""
+    prompts: list[str] = field(default_factory=list)
+    """prompts for the samples (default: the first tokens of validation sequences)"""
+    max_new_tokens: int = 48
+    """tokens per sampled continuation"""
+    temperature: float = 0.8
+    """sampling temperature (0 = greedy)"""
+    top_k: int = 50
+    """sample among the top k tokens (0 = all)"""
+
+
+@dataclass
+class CheckpointSection:
+    """When to write checkpoints (runs/<name>/checkpoints/step_NNNNNN/)."""
+
+    every: int = 1000
+    """write a checkpoint every this many steps (0 = only at the end and on SIGINT/SIGTERM)"""
+    keep: int = 3
+    """keep the last this many checkpoints"""
+
+
+@dataclass
+class LoRASection:
+    """Low-rank adapters (fine-tuning with a frozen base model)."""
+
+    rank: int = 0
+    """LoRA rank (0 = no LoRA: train the weights themselves)"""
+    alpha: float = 16.0
+    """LoRA scaling: the update is B A * alpha / rank"""
+    dropout: float = 0.0
+    """dropout on the LoRA branch's input"""
+    targets: list[str] = field(default_factory=lambda: ["wqkv", "wo"])
+    """modules to adapt: any of wqkv, wo, w_in, w_out (fused names), or all"""
+
+
+@dataclass
+class LogSection:
+    """Progress bar, metrics.jsonl, TensorBoard and plots."""
+
+    every: int = 10
+    """log train loss every this many steps"""
+    progress: bool = True
+    """show a progress bar"""
+    tensorboard: bool = True
+    """also write TensorBoard events (when the tensorboard package is installed)"""
+    peak_flops: float | None = None
+    """peak FLOP/s of one device for MFU (default: a table for known GPUs, a measured matmul peak on CPU)"""
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved resolved as runs/<name>/config.yaml."""
+
+    name: str | None = None
+    """run name: the run lives in <out_dir>/<name>/ (default: <task>-<family>-<size>)"""
+    out_dir: str = "runs"
+    """parent directory of run directories"""
+    task: str = "pretrain"
+    """pretrain (next-token loss on every token) or sft (loss on assistant tokens only)"""
+    seed: int = 1337
+    """seed for weights, data order, dropout and sampling"""
+    device: str = "auto"
+    """cuda, mps, cpu or auto"""
+    dtype: str = "auto"
+    """compute precision: bf16 (autocast, fp32 master weights) or fp32; auto = bf16 where the hardware has it"""
+    parallel: str = "auto"
+    """under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp with several processes"""
+    resume: str = "none"
+    """none, auto (continue from the run's latest checkpoint, if any) or a checkpoint directory"""
+    time_budget: str | None = None
+    """e.g. 10m or 2h: measure throughput, then pick model size, tokens and batch to fit this time"""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    ckpt: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    log: LogSection = field(default_factory=LogSection)
+
+    # ------------------------------------------------------------------ dict / YAML
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = {k: v for k, v in d["model"].items() if k != "overrides"} | d["model"]["overrides"]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return _build(cls, d or {}, "")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name if self.name else Path(self.out_dir)
+
+
+_SECTION_CLS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+    "ckpt": CheckpointSection,
+    "lora": LoRASection,
+    "log": LogSection,
+}
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"family", "extra"}
+
+
+# ---------------------------------------------------------------------------------------------- docs
+@cache
+def field_docs(cls) -> dict[str, str]:
+    """{field: docstring} from the string literal written under each annotated field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+@cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+# ---------------------------------------------------------------------------------------------- coercion
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def coerce(value, tp, where: str):
+    """Convert a YAML value or a command-line string to the field's type, or raise a UserError naming it."""
+    if _is_union(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
+            return None
+        return coerce(value, args[0], where)
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            if isinstance(value, int):
+                return value
+            s = str(value).strip().replace("_", "")
+            m = re.fullmatch(r"([0-9.eE+-]+)\s*([kKmMbBgGtT]?)", s)
+            if not m:
+                raise ValueError("expected an integer (suffixes k, M, B allowed)")
+            x = float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1)
+            if x != int(x):
+                raise ValueError("expected a whole number")
+            return int(x)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError("expected a string")
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = (
+                    [v.strip() for v in value.split(",") if v.strip()]
+                    if not value.startswith("[")
+                    else yaml.safe_load(value)
+                )
+            if not isinstance(value, (list, tuple)):
+                raise ValueError("expected a list")
+            (item,) = typing.get_args(tp) or (str,)
+            return [coerce(v, item, where) for v in value]
+        if tp is dict or origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value)
+            if not isinstance(value, dict):
+                raise ValueError("expected a mapping, e.g. {rope_type: linear, factor: 2.0}")
+            return dict(value)
+    except (ValueError, TypeError, yaml.YAMLError) as e:
+        raise UserError(f"{where}={value!r}: {e}") from None
+    return value
+
+
+def _build(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
+    hints, kwargs = _hints(cls), {}
+    if cls is ModelSection:  # flat ModelConfig fields go to overrides
+        d = dict(d)
+        over = dict(d.pop("overrides", None) or {})
+        for k in list(d):
+            if k in _MODEL_FIELDS:
+                over[k] = d.pop(k)
+        mhints = _hints(ModelConfig)
+        kwargs["overrides"] = {k: coerce(v, mhints[k], f"model.{k}") for k, v in over.items()}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        known = sorted(names - {"overrides"}) + (sorted(_MODEL_FIELDS) if cls is ModelSection else [])
+        raise UserError(
+            f"unknown option(s) {', '.join(prefix + u for u in unknown)} in {where}; "
+            f"known: {', '.join(known)}"
+        )
+    for k, v in d.items():
+        if k in _SECTION_CLS and cls is RunConfig:
+            kwargs[k] = _build(_SECTION_CLS[k], v or {}, f"{k}.")
+        elif k != "overrides":
+            kwargs[k] = coerce(v, hints[k], prefix + k)
+    return cls(**kwargs)
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Recursive dict update (sections merge, values replace)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: a config file is a mapping of sections (model:, data:, train:, ...)")
+    return d
+
+
+def dotted_to_nested(flat: dict[str, object]) -> dict:
+    """{"train.lr": "3e-4"} -> {"train": {"lr": "3e-4"}}."""
+    out: dict = {}
+    for key, v in flat.items():
+        parts = key.split(".")
+        cur = out
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = v
+    return out
+
+
+def load_config(
+    config: str | Path | None = None, overrides: dict | None = None, base: dict | None = None, **top
+) -> RunConfig:
+    """RunConfig from defaults < base < the YAML file < overrides ({"train.lr": 3e-4} or nested) < top-level kwargs."""
+    d = dict(base or {})
+    if config:
+        d = merge(d, read_yaml(config))
+    over = overrides or {}
+    if any("." in k for k in over):
+        over = dotted_to_nested(over)
+    d = merge(d, over)
+    d = merge(d, {k: v for k, v in top.items() if v is not None})
+    return RunConfig.from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------- argparse
+def _metavar(tp) -> str:
+    if _is_union(tp):
+        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+    if tp is bool:
+        return "BOOL"
+    if typing.get_origin(tp) is list:
+        return "A,B"
+    return {int: "N", float: "X", str: "STR", dict: "YAML"}.get(tp, "V")
+
+
+def _fmt_default(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v)) or "none"
+    return "none" if v is None else str(v)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add --config and one --section.field option per field (help = the field's docstring).
+
+    Options default to SUPPRESS so that only what the user typed overrides the YAML file.
+    """
+    parser.add_argument(
+        "--config", metavar="YAML", help="a YAML recipe (see configs/); options below override it"
+    )
+    top = parser.add_argument_group("run")
+    rdocs, rdefaults = field_docs(RunConfig), RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        if f.name in _SECTION_CLS or f.name in skip:
+            continue
+        flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        _add(top, flags, f.name, _hints(RunConfig)[f.name], rdocs.get(f.name, ""), getattr(rdefaults, f.name))
+    for sec, cls in _SECTION_CLS.items():
+        g = parser.add_argument_group(sec, cls.__doc__)
+        docs, defaults = field_docs(cls), cls()
+        for f in dataclasses.fields(cls):
+            if f.name == "overrides":
+                continue
+            _add(
+                g,
+                [f"--{sec}.{f.name}"],
+                f"{sec}.{f.name}",
+                _hints(cls)[f.name],
+                docs.get(f.name, ""),
+                getattr(defaults, f.name),
+            )
+        if cls is ModelSection:
+            mdocs = field_docs(ModelConfig)
+            for f in dataclasses.fields(ModelConfig):
+                if f.name in _MODEL_FIELDS:
+                    _add(
+                        g,
+                        [f"--model.{f.name}"],
+                        f"model.{f.name}",
+                        _hints(ModelConfig)[f.name],
+                        mdocs.get(f.name, "") + " (overrides the preset)",
+                        None,
+                        show_default=False,
+                    )
+
+
+def _add(group, flags, dest, tp, doc, default, show_default=True) -> None:
+    show_default = show_default and "default" not in doc
+    helptext = doc.replace("%", "%%") + (f" (default: {_fmt_default(default)})" if show_default else "")
+    kw = dict(dest=dest, default=argparse.SUPPRESS, help=helptext, metavar=_metavar(tp))
+    if tp is bool:
+        kw.update(nargs="?", const="true")
+    group.add_argument(*flags, **kw)
+
+
+def overrides_from_args(ns: argparse.Namespace) -> dict:
+    """The --section.field options the user actually gave, as a flat {"section.field": value} dict."""
+    names = {f.name for f in dataclasses.fields(RunConfig) if f.name not in _SECTION_CLS}
+    return {k: v for k, v in vars(ns).items() if ("." in k and k.split(".")[0] in _SECTION_CLS) or k in names}
+
+
+def default_name(cfg: RunConfig) -> str:
+    if cfg.model.init_from:  # runs/tiny/final or runs/tiny/checkpoints/step_000100 -> the run's name
+        p = Path(cfg.model.init_from).resolve()
+        if p.name == "final":
+            p = p.parent
+        elif p.name.startswith("step_") and p.parent.name == "checkpoints":
+            p = p.parent.parent
+        return f"{cfg.task}-{p.name}"
+    return f"{cfg.task}-{cfg.model.family}-{cfg.model.size}"
+
+
+def config_for_run(config: str | Path | None, overrides: dict, task: str) -> RunConfig:
+    """The command line's RunConfig. When resuming, the run's saved config.yaml is the base, so that
+    `lmforge pretrain --name X --resume auto` continues run X without repeating its options."""
+    cfg = load_config(config, overrides, task=task)
+    cfg.name = cfg.name or default_name(cfg)
+    saved = cfg.run_dir / "config.yaml"
+    if cfg.resume not in ("none", "", None) and saved.is_file():
+        base = read_yaml(saved)
+        base.pop("resume", None)
+        cfg = load_config(config, overrides, base=base, task=task)
+        cfg.name = cfg.name or default_name(cfg)
+    return cfg

@@ -1,0 +1,165 @@
+"""Distributed setup for `torchrun`: process group, DDP / FSDP2 wrapping, reductions, full state dicts.
+
+    torchrun --nproc-per-node 2 -m lmforge pretrain --parallel ddp  ...   # NCCL on GPU, gloo on CPU
+
+Data parallelism is defined on one global stream of micro-batches: every process reads the same
+stream and keeps every world-th micro-batch (`RankSlice`). So W processes with accumulation A see
+exactly the batches one process sees with accumulation W*A, the loader's position is the same on every
+rank (rank 0 saves it for all), and a checkpoint resumes with any number of processes as long as the
+global batch divides evenly. Reading W micro-batches to keep one costs a memmap copy, not compute.
+
+Checkpoints hold full (unsharded) tensors gathered on rank 0 with torch.distributed.checkpoint's
+state-dict helpers, so DDP, FSDP and single-process runs read each other's checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lmforge.utils import UserError, resolve_device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    parallel: str = "none"  # none | ddp | fsdp
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def setup(parallel: str, device: str) -> Dist:
+    """Read torchrun's environment, pick the device and start the process group when there are several processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if parallel not in ("auto", "none", "ddp", "fsdp"):
+        raise UserError(f"--parallel {parallel}: choose auto, none, ddp or fsdp")
+    if world == 1:
+        if parallel in ("ddp", "fsdp"):
+            print(
+                f"--parallel {parallel}: a single process; run under `torchrun --nproc-per-node N` to use it"
+            )
+        return Dist(device=resolve_device(device))
+    if parallel == "none":
+        raise UserError(
+            "--parallel none with several processes would train W independent copies; use ddp or fsdp"
+        )
+    parallel = "ddp" if parallel == "auto" else parallel
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    elif dev.type == "mps":
+        raise UserError("distributed training on Apple MPS is not supported; use --device cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None
+        )
+    return Dist(rank, world, local_rank, parallel, dev)
+
+
+def cleanup(d: Dist) -> None:
+    if d.active and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, d: Dist) -> nn.Module:
+    """DDP, or FSDP2 (each block sharded, then the root), or the model itself for one process."""
+    if not d.active:
+        return model
+    if d.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)  # root: embeddings, final norm, lm_head
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare Transformer under torch.compile / DDP wrappers (FSDP2 shards in place: no wrapper)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def grad_sync(model: nn.Module, d: Dist, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation."""
+    if not d.active or sync:
+        if d.parallel == "fsdp":
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if d.parallel == "fsdp":
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:
+    if d.active:
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op])
+    return t
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+def all_gather_bytes(t: torch.Tensor, d: Dist) -> list[torch.Tensor]:
+    """Gather a same-sized uint8 tensor (an RNG state) from every rank."""
+    if not d.active:
+        return [t]
+    t = t.to(d.device) if d.device.type == "cuda" else t
+    out = [torch.empty_like(t) for _ in range(d.world)]
+    dist.all_gather(out, t)
+    return [o.cpu() for o in out]
+
+
+def _sd_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(**kw)
+
+
+def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
+    """Full, unsharded model tensors on CPU under the bare model's names (rank 0; empty on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_sd_options(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
+    """Optimizer state keyed by parameter name, full tensors on CPU (rank 0; empty on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(
+        model, optimizer, options=_sd_options(full_state_dict=True, cpu_offload=True)
+    )
+
+
+def load_optimizer_state(model: nn.Module, optimizer, state: dict, d: Dist) -> None:
+    """Load a full, name-keyed optimizer state (every rank has read it) into a possibly sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=_sd_options(full_state_dict=True))

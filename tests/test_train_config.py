@@ -1,0 +1,224 @@
+"""Training configuration, schedules, parameter groups, checkpoint packing and the budget planner
+(the parts that need no training run)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.config import preset
+from lmforge.model import build
+from lmforge.train.config import (
+    RunConfig,
+    TrainSection,
+    add_config_arguments,
+    config_for_run,
+    field_docs,
+    load_config,
+    overrides_from_args,
+)
+from lmforge.train.optim import lr_at, param_groups
+from lmforge.utils import UserError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    a = p.parse_args(argv)
+    return a, overrides_from_args(a)
+
+
+def test_yaml_and_command_line_read_the_same(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text(
+        "model: {size: small, d_model: 96, dropout: 0.1}\ntrain: {lr: 0.001, tokens: 2M}\n"
+        "lora: {targets: [wqkv, w_out]}\nname: a\n"
+    )
+    a, over = _parse(
+        [
+            "--config",
+            str(f),
+            "--train.lr",
+            "3e-4",
+            "--model.n_layers",
+            "3",
+            "--train.compile",
+            "--lora.targets",
+            "wo,w_in",
+            "--time-budget",
+            "10m",
+            "--eval.prompts",
+            "def ,class ",
+        ]
+    )
+    cfg = load_config(a.config, over)
+    assert cfg.train.lr == 3e-4 and cfg.train.tokens == 2_000_000 and cfg.train.compile is True
+    assert cfg.model.size == "small" and cfg.model.overrides == {"d_model": 96, "dropout": 0.1, "n_layers": 3}
+    assert cfg.lora.targets == ["wo", "w_in"] and cfg.time_budget == "10m" and cfg.name == "a"
+    assert cfg.eval.prompts == ["def", "class"]
+    # the resolved config round-trips through YAML, flat model fields included
+    import yaml
+
+    d = yaml.safe_load(cfg.to_yaml())
+    assert d["model"]["d_model"] == 96 and "overrides" not in d["model"]
+    assert RunConfig.from_dict(d) == cfg
+
+
+def test_bad_options_name_the_option():
+    with pytest.raises(UserError, match=r"unknown option\(s\) train.learning_rate.*known: .*lr"):
+        load_config(overrides={"train.learning_rate": 1})
+    with pytest.raises(UserError, match=r"train.max_steps='ten'"):
+        load_config(overrides={"train.max_steps": "ten"})
+    with pytest.raises(UserError, match=r"model.n_layers=2.5: expected a whole number"):
+        load_config(overrides={"model.n_layers": 2.5})
+    with pytest.raises(UserError, match="log.progress"):
+        load_config(overrides={"log.progress": "maybe"})
+
+
+def test_every_option_has_help_from_its_docstring():
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "pretrain", "--help"], capture_output=True, text=True
+    )
+    assert r.returncode == 0
+    for cls in (TrainSection, RunConfig):
+        for name, doc in field_docs(cls).items():
+            assert doc, name
+    out = " ".join(r.stdout.split())
+    assert "--train.lr X peak learning rate (default: 0.001)" in out
+    assert "--model.d_model N width of the residual stream (overrides the preset)" in out
+    assert "--time-budget" in out and "examples:" in out
+    for cmd in ("finetune", "merge-lora"):
+        r = subprocess.run([sys.executable, "-m", "lmforge", cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "examples:" in r.stdout
+
+
+def test_shipped_recipes_load():
+    recipes = sorted(CONFIGS.glob("*.yaml"))
+    assert len(recipes) >= 4
+    for f in recipes:
+        cfg = load_config(f)
+        if not cfg.model.init_from:
+            preset(cfg.model.family, cfg.model.size, **cfg.model.overrides)  # a valid model
+
+
+def test_resume_reads_the_saved_run_config(tmp_path):
+    run = tmp_path / "runs/x"
+    run.mkdir(parents=True)
+    saved = load_config(overrides={"train.lr": 0.005, "model.size": "debug", "name": "x"})
+    (run / "config.yaml").write_text(saved.to_yaml())
+    cfg = config_for_run(
+        None,
+        {"name": "x", "out_dir": str(tmp_path / "runs"), "resume": "auto", "train.max_steps": 50},
+        "pretrain",
+    )
+    assert cfg.train.lr == 0.005 and cfg.model.size == "debug" and cfg.train.max_steps == 50
+    assert cfg.resume == "auto"
+    fresh = config_for_run(None, {"name": "x", "out_dir": str(tmp_path / "runs")}, "pretrain")
+    assert fresh.train.lr == 1e-3  # without --resume the saved config is not read
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_schedules(schedule):
+    t = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule, decay_fraction=0.2)
+    lrs = [lr_at(s, 100, t) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:10]))
+    if schedule == "cosine":
+        assert lrs[-1] == pytest.approx(0.1)
+        mid = 10 + (99 - 10) // 2
+        assert lrs[mid] == pytest.approx(0.55, abs=0.02)
+    elif schedule == "wsd":
+        assert lrs[10:80] == [1.0] * 70 and lrs[-1] == pytest.approx(0.1)
+        assert all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+    else:
+        assert lrs[10:] == [1.0] * 90
+    # warmup never eats more than a tenth of a short run
+    assert lr_at(0, 20, TrainSection(lr=1.0, warmup_steps=100)) == pytest.approx(0.5)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = build(preset("gpt2", "debug"))  # biases, LayerNorms, tied and learned-position embeddings
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    dn = {names[id(p)] for p in decay["params"]}
+    nn_ = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(n.endswith("weight") and ("attn." in n or "mlp." in n) for n in dn)
+    assert {"tok_emb.weight", "pos_emb.weight", "blocks.0.attn_norm.weight", "blocks.0.attn.wqkv.bias"} <= nn_
+    assert len(dn) + len(nn_) == len(names)  # every trainable tensor once (tied lm_head is tok_emb)
+
+
+def test_checkpoint_state_packs_without_pickle():
+    from lmforge.train.checkpointing import pack, unpack
+
+    state = {
+        "a": 1,
+        "t": torch.arange(3.0),
+        "arr": np.arange(4, dtype=np.uint32),
+        "tup": (1, "x"),
+        "nested": {"l": [torch.ones(2), 2.5, None]},
+        7: "int key",
+    }
+    tensors: dict = {}
+    js = pack(state, tensors)
+    import json
+
+    back = unpack(json.loads(json.dumps(js)), tensors)
+    assert back["a"] == 1 and torch.equal(back["t"], state["t"]) and back["tup"] == (1, "x")
+    assert back["arr"].dtype == np.uint32 and (back["arr"] == state["arr"]).all()
+    assert torch.equal(back["nested"]["l"][0], torch.ones(2)) and back[7] == "int key"
+    with pytest.raises(TypeError, match="cannot store object"):
+        pack({"bad": object()}, {})
+
+
+def test_parse_duration():
+    from lmforge.train.budget import parse_duration
+
+    assert parse_duration("10m") == 600 and parse_duration("1h30m") == 5400 and parse_duration("90") == 90
+    assert parse_duration("2h") == 7200 and parse_duration("45s") == 45
+    with pytest.raises(UserError, match="like 90s, 10m"):
+        parse_duration("ten minutes")
+
+
+def test_budget_plan_is_compute_optimal_on_a_simulated_machine():
+    """On a machine that sustains 5 TFLOP/s, a 1-hour budget buys the largest depth that still gets
+    20 tokens per parameter, and the next depth would not."""
+    import time
+
+    from lmforge.train.budget import DEPTHS, TOKENS_PER_PARAM, matmul_params, plan, shape
+    from lmforge.train.data import Data
+    from lmforge.train.distributed import Dist
+
+    T, flops = 512, 5e12
+
+    def fake_measure(mc, batch_size, seq_len, device, dtype):
+        return flops / mc.flops_per_token(seq_len)
+
+    cfg = load_config(
+        overrides={"time_budget": "1h", "data.seq_len": T, "train.batch_size": 8, "model.family": "llama"}
+    )
+    data = Data(train=iter(()), vocab_size=8192, n_train_tokens=10**8)
+    out, lines = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=fake_measure)
+    mc = preset("llama", "tiny", **out.model.overrides)
+    depth = mc.n_layers
+    n = matmul_params(mc)
+    assert out.train.tokens >= TOKENS_PER_PARAM * n * 0.95
+    bigger = preset("llama", "tiny", **shape("llama", DEPTHS[DEPTHS.index(depth) + 1], 8192, T))
+    tokens_bigger = flops * 3600 * 0.9 / bigger.flops_per_token(T)
+    assert tokens_bigger < TOKENS_PER_PARAM * matmul_params(bigger)
+    assert (
+        out.train.global_batch_tokens % (8 * T) == 0
+        and out.train.tokens // out.train.global_batch_tokens >= 300
+    )
+    assert out.time_budget is None and out.train.max_time == 3600
+    assert math.isclose(out.train.lr, float(f"{min(3e-3, 6e-4 * 768 / mc.d_model):.2g}"))
+    assert any("chosen: llama depth" in x for x in lines)

@@ -1,0 +1,143 @@
+"""Fine-tuning: assistant-only loss on chat data, frozen embeddings, LoRA (train, merge, load)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_data import base_model, cli_env, corpus, losses, make_config, one_thread  # noqa: F401
+
+from lmforge.checkpoint import load_model
+from lmforge.train import load_lora_model, merge_lora, train
+from lmforge.train.lora import LoRALinear, apply_lora, lora_state_dict
+
+
+def _sft(corpus, tmp_path, name, base, **over):  # noqa: F811
+    cfg = make_config(
+        corpus,
+        tmp_path,
+        name,
+        **{
+            "task": "sft",
+            "model.init_from": str(base),
+            "data.path": str(corpus["chat"]),
+            "ckpt.every": 0,
+            **over,
+        },
+    )
+    cfg.model.overrides.pop("max_seq_len")  # the shape comes from the base checkpoint
+    cfg.data.tokenizer = None  # and so does the tokenizer
+    return cfg
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_frozen_embeddings_stay_bit_identical_and_loss_drops(corpus, tmp_path, one_thread):  # noqa: F811
+    base = base_model(corpus, tmp_path / "base")
+    s = train(
+        _sft(
+            corpus,
+            tmp_path,
+            "frozen",
+            base,
+            **{"train.freeze_embeddings": True, "train.max_steps": 30, "train.lr": 1e-2, "eval.every": 30},
+        )
+    )
+    before, after = load_model(base), load_model(tmp_path / "frozen/final")
+    assert torch.equal(before.tok_emb.weight, after.tok_emb.weight)
+    assert not torch.equal(before.blocks[0].attn.wqkv.weight, after.blocks[0].attn.wqkv.weight)
+    assert not torch.equal(before.lm_head.weight, after.lm_head.weight)  # untied: trained
+    ls = [v for _, v in losses(tmp_path / "frozen")]
+    assert _mean(ls[-5:]) < _mean(ls[:5]) - 0.5
+    assert s["val_loss"] is not None and s["val_loss"] < ls[0]
+    assert (tmp_path / "frozen/final/tokenizer.json").exists()
+
+
+def test_tied_embeddings_frozen_freeze_the_output_layer_too(corpus, tmp_path, one_thread):  # noqa: F811
+    base = base_model(corpus, tmp_path / "gemma", family="gemma")
+    train(_sft(corpus, tmp_path, "tied", base, **{"train.freeze_embeddings": True, "train.max_steps": 3}))
+    before, after = load_model(base), load_model(tmp_path / "tied/final")
+    assert torch.equal(before.tok_emb.weight, after.tok_emb.weight)
+    assert after.lm_head.weight is after.tok_emb.weight
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(corpus, tmp_path, one_thread):  # noqa: F811
+    base = base_model(corpus, tmp_path / "base")
+    s = train(
+        _sft(
+            corpus,
+            tmp_path,
+            "lora",
+            base,
+            **{"lora.rank": 8, "lora.targets": ["all"], "train.lr": 1e-2, "train.max_steps": 20},
+        )
+    )
+    assert "LoRA rank 8" in s["model"]
+    ls = [v for _, v in losses(tmp_path / "lora")]
+    assert _mean(ls[-5:]) < _mean(ls[:5])
+    final = tmp_path / "lora/final"
+    assert sorted(p.name for p in final.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    unmerged = load_lora_model(final)
+    assert sum(isinstance(m, LoRALinear) for m in unmerged.modules()) == 4 * unmerged.config.n_layers
+    assert any(float(p.abs().max()) > 0 for n, p in lora_state_dict(unmerged).items() if "lora_B" in n)
+    ids = torch.randint(0, unmerged.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = unmerged(ids)
+        merged = load_lora_model(final, merge=True)
+        assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+        torch.testing.assert_close(merged(ids), want, atol=1e-5, rtol=0)
+        # the base weights themselves were never touched
+        plain = load_model(base)
+        for n, p in plain.named_parameters():
+            torch.testing.assert_close(dict(unmerged.named_parameters())[n], p, atol=0, rtol=0)
+
+    # `lmforge merge-lora` writes a plain HF directory that loads anywhere
+    out = tmp_path / "merged"
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "merge-lora", str(final), "--out", str(out)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out)(ids), want, atol=1e-5, rtol=0)
+
+
+def test_merged_lora_matches_transformers(corpus, tmp_path):  # noqa: F811
+    """A merged adapter is an ordinary checkpoint: transformers computes the same logits."""
+    transformers = pytest.importorskip("transformers")
+    base = base_model(corpus, tmp_path / "base")
+    model = load_model(base)
+    apply_lora(model, rank=4, alpha=8, targets=["wqkv", "w_in"])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+        from lmforge.checkpoint import save_model
+
+        save_model(merge_lora(model), tmp_path / "m")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+        torch.testing.assert_close(hf(ids).logits, want, atol=1e-4, rtol=0)
+
+
+def test_lora_rejects_unknown_targets(corpus, tmp_path):  # noqa: F811
+    from lmforge.utils import UserError
+
+    model = load_model(base_model(corpus, tmp_path / "base"))
+    with pytest.raises(UserError, match="choose among wqkv, wo, w_in, w_out"):
+        apply_lora(model, rank=4, targets=["q_proj"])
