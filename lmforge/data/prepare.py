@@ -13,6 +13,7 @@ Output directory:
     train_00000.bin ...   little-endian token ids, documents back to back
     train_00000.idx ...   little-endian int64 start offset of each document in the .bin
     val_00000.bin/.idx    the validation split, same layout
+    tokenizer.json, tokenizer_config.json   the tokenizer that made the shards (found by pretrain/evaluate)
 
 A shard holds at most `shard_tokens` tokens (a longer document gets a shard of its own) and never
 splits a document. The whole directory is written next to `out` and renamed into place at the end,
@@ -328,6 +329,7 @@ def prepare(
             "splits": splits,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        tok.save(tmp)  # the shards carry their tokenizer: training and evaluation find it here
     total = sum(n_bytes.values())
     n_tok = sum(s["tokens"] for s in splits.values())
     run = {
