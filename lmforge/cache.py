@@ -56,14 +56,16 @@ class KVCache:
     k[i], v[i]: (B, KV, S, hd) with S = max_len, or S = window for sliding-window models.
     """
 
-    def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32, ring: bool = True):
         if max_len > config.max_seq_len:
             raise ValueError(
                 f"KV cache of {max_len} tokens exceeds the model's context of {config.max_seq_len}"
             )
         self.batch_size, self.max_len = batch_size, max_len
         self.window = config.sliding_window
-        self.ring = self.window is not None and self.window < max_len
+        # ring=False keeps every slot even for sliding windows (masks still apply the window), so that
+        # slots can be rolled back (speculative decoding).
+        self.ring = ring and self.window is not None and self.window < max_len
         size = self.window if self.ring else max_len
         shape = (batch_size, config.n_kv_heads, size, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -78,6 +80,18 @@ class KVCache:
         self.key_pos.fill_(-1)
         self.next_pos.zero_()
         self.length, self.has_holes = 0, False
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n slots (tokens a speculative verifier rejected); positions rewind with them.
+        Not possible on a ring buffer, whose overwritten keys are gone: build the cache with ring=False."""
+        if n <= 0:
+            return
+        if self.ring:
+            raise ValueError("cannot roll back a ring-buffer KV cache; build it with ring=False")
+        L = self.length
+        self.next_pos -= (self.key_pos[:, L - n : L] >= 0).sum(1)
+        self.key_pos[:, L - n : L] = -1
+        self.length = L - n
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,327 @@
+"""The decode engine: a fixed set of rows on one preallocated KV cache; requests come and go.
+
+    engine = Engine(model, tokenizer, max_batch=8)
+    engine.add([Sequence(ids, SamplingParams(...))])   # prefill; the first token is already sampled
+    while engine.active:
+        for seq in engine.step():                     # one decode step for every row
+            print(seq.id, seq.pop_text(), seq.finish_reason)
+
+How rows share the cache (see cache.py): all rows write slot `cache.length` in a decode step, each with
+its own position. `add` on an idle engine prefills all new prompts in one left-padded batch. Added to a
+running engine, a prompt of P tokens is prefilled alone, through a one-row view of the cache, into the
+P slots that end where the other rows are (its earlier slots are marked empty), so from the next step
+on it decodes in lock-step with them. When the slots run out, every row is shifted left by the slots
+no active row uses any more (or, in a ring buffer, rolled), which is rare and costs one copy.
+
+The decode loop does no tensor concatenation and one device-to-host transfer per step (the B new
+tokens); stop checks are plain Python on those ints (sequence.py). On CUDA the decode step runs as a
+compiled CUDA graph (`torch.compile(mode="reduce-overhead")`): it reads and writes the whole static
+cache at a slot held in a tensor, so every step has the same shapes (`_StaticStep`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+from lmforge.cache import KVCache, make_mask
+from lmforge.infer import packed
+from lmforge.infer.sampling import Sampler
+from lmforge.infer.sequence import Sequence
+from lmforge.utils import UserError
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """Token ids that end generation by default: the tokenizer's EOS / end-of-turn and the config's EOS."""
+    ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
+    if model.config.eos_token_id is not None:
+        ids.add(model.config.eos_token_id)
+    return ids
+
+
+def _row_view(cache: KVCache, rows: slice) -> KVCache:
+    """A KVCache over `rows` of `cache` that shares its storage (writes land in the parent)."""
+    view = copy.copy(cache)
+    view.k = [t[rows] for t in cache.k]
+    view.v = [t[rows] for t in cache.v]
+    view.key_pos, view.next_pos = cache.key_pos[rows], cache.next_pos[rows]
+    view.batch_size = view.key_pos.shape[0]
+    return view
+
+
+class _StaticStep:
+    """Stands in for the KVCache during a decode step with fixed shapes (for CUDA graphs): writes the
+    new K/V at `slot` (a 0-dim tensor) and attends over the whole buffer, masking empty slots."""
+
+    def __init__(self, cache: KVCache):
+        self.c = cache
+        self.slot = torch.zeros(1, dtype=torch.long, device=cache.key_pos.device)
+
+    def prepare(self, T: int, valid=None):
+        c = self.c
+        pos = c.next_pos[:, None].clone()  # (B, 1)
+        c.key_pos.index_copy_(1, self.slot, pos)
+        c.next_pos.add_(1)
+        return pos, make_mask(pos, c.key_pos, c.window, self.slot), False  # mask (B, 1, 1, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        kc, vc = self.c.k[layer], self.c.v[layer]
+        kc.index_copy_(2, self.slot, k)  # k (B, KV, 1, hd) into (B, KV, S, hd)
+        vc.index_copy_(2, self.slot, v)
+        return kc, vc
+
+
+class Engine:
+    """Rows of a batch on one KV cache; see the module docstring.
+
+    max_batch: rows decoded together (idle rows still cost compute, as the shapes are fixed).
+    max_len: slots per row (prompt + generated tokens of a request must fit); default the context.
+    compile: run the decode step through torch.compile with CUDA graphs; None = on CUDA only.
+    cpu_pack: on CPU, lay the Linear weights out for fast decode matmuls (packed.py; changes the
+        model's weight storage in place, and in bf16 keeps one packed copy of them).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        max_batch: int = 1,
+        max_len: int | None = None,
+        compile: bool | None = None,
+        cache_dtype: torch.dtype | None = None,
+        cpu_pack: bool = True,
+    ):
+        cfg = model.config
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.tok_emb.weight.device
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.cache = model.new_cache(max_batch, self.max_len, cache_dtype)
+        self.rows: list[Sequence | None] = [None] * max_batch
+        self.start = [0] * max_batch  # first slot each row uses (for compaction)
+        self.cur = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # token each row feeds next
+        self.sampler = Sampler(max_batch, cfg.vocab_size, self.device)
+        self.default_stop_ids = stop_token_ids(model, tokenizer)
+        self.stats = {
+            "prefill_tokens": 0,
+            "prefill_s": 0.0,
+            "decode_steps": 0,
+            "decode_tokens": 0,
+            "decode_s": 0.0,
+        }
+        if compile is None:
+            compile = self.device.type == "cuda"
+        if self.device.type == "cpu" and compile:
+            packed.restore(model)  # compiling freezes and packs the weights itself
+        elif self.device.type == "cpu" and cpu_pack:
+            packed.prepare(model, max_rows=max_batch)
+        self._step_fn = None
+        if compile:
+            self._static = _StaticStep(self.cache)
+            for t in [
+                *self.cache.k,
+                *self.cache.v,
+                self.cache.key_pos,
+                self.cache.next_pos,
+                self._static.slot,
+            ]:
+                torch._dynamo.mark_static_address(t)  # cache tensors keep their addresses across replays
+            if self.device.type == "cuda":  # CUDA graphs: one replay per step
+                self._step_fn = torch.compile(self._static_logits, mode="reduce-overhead", fullgraph=True)
+            else:  # CPU: weights frozen into the graph (prepacked), C++ wrapper instead of Python glue
+                opts = {"freezing": True, "cpp_wrapper": True}
+                self._step_fn = torch.compile(self._static_logits, fullgraph=True, options=opts)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    @property
+    def free_rows(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None]
+
+    def _check(self, seq: Sequence) -> None:
+        p = seq.params
+        if len(seq.prompt_ids) < 1:
+            raise UserError("the prompt is empty: give at least one token")
+        need = len(seq.prompt_ids) + p.max_new_tokens
+        if need > self.max_len:
+            raise UserError(
+                f"prompt of {len(seq.prompt_ids)} tokens + max_new_tokens={p.max_new_tokens} = {need} "
+                f"tokens does not fit the engine's {self.max_len} slots per row"
+            )
+        if p.stop and self.tokenizer is None:
+            raise UserError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+
+    def _start_sequence(self, seq: Sequence, row: int, generator) -> None:
+        p = seq.params
+        seq.stop_ids = frozenset(set(p.stop_token_ids) | (set() if p.ignore_eos else self.default_stop_ids))
+        if self.tokenizer is not None and seq.decoder is None and not seq.token_ids:
+            seq.decoder = self.tokenizer.stream_decoder(skip_special=True)
+        self.rows[row] = seq
+        self.sampler.set_row(row, p, seq.prompt_ids, generator)
+
+    def _retire(self, row: int) -> None:
+        self.rows[row] = None
+        self.sampler.clear_row(row)
+
+    def cancel(self, seq: Sequence) -> bool:
+        """Stop generating `seq` (e.g. its client went away) and free its row; False if it holds none."""
+        for i, r in enumerate(self.rows):
+            if r is seq:
+                self._retire(i)
+                return True
+        return False
+
+    # ------------------------------------------------------------------ admission (prefill)
+    @torch.inference_mode()
+    def add(self, seqs: list[Sequence], generator: torch.Generator | None = None) -> list[Sequence]:
+        """Prefill `seqs` into free rows and sample their first token. Returns them (some may already
+        be finished, e.g. when the first token is EOS). `generator`: one generator shared by all of
+        them (otherwise each uses its params.seed, or torch's global generator)."""
+        free = self.free_rows
+        if len(seqs) > len(free):
+            raise UserError(
+                f"{len(seqs)} requests but only {len(free)} free rows (max_batch={len(self.rows)})"
+            )
+        for s in seqs:  # all checks before any row changes
+            self._check(s)
+        t0 = time.perf_counter()
+        batch = self.active == 0
+        rows = list(range(len(seqs))) if batch else free[: len(seqs)]
+        for r, s in zip(rows, seqs):
+            self._start_sequence(s, r, generator)
+        try:
+            if batch:
+                self.cache.reset()
+                logits = self._prefill_batch(seqs)
+            else:
+                logits = torch.cat([self._prefill_row(r, s.prompt_ids) for r, s in zip(rows, seqs)])
+        except BaseException:
+            for r in rows:  # leave the engine as it was (the other rows keep running)
+                self._retire(r)
+            raise
+        self._sample_into(logits, rows)
+        self.stats["prefill_tokens"] += sum(len(s.prompt_ids) for s in seqs)
+        self.stats["prefill_s"] += time.perf_counter() - t0
+        return seqs
+
+    def _prefill_batch(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Left-padded prefill of rows 0..n-1 of an empty cache; returns last-token logits (n, V)."""
+        n, T = len(seqs), max(len(s.prompt_ids) for s in seqs)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        valid = torch.zeros(n, T, dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            P = len(s.prompt_ids)
+            ids[i, T - P :] = torch.tensor(s.prompt_ids)
+            valid[i, T - P :] = True
+            self.start[i] = T - P
+        view = _row_view(self.cache, slice(0, n))
+        mask = None if bool(valid.all()) else valid.to(self.device)
+        logits = self.model(ids.to(self.device), attention_mask=mask, cache=view, logits_to_keep=1)
+        self.cache.length = T
+        self.cache.has_holes = view.has_holes or n < len(self.rows)
+        return logits[:, -1]
+
+    def _prefill_row(self, row: int, prompt: list[int]) -> torch.Tensor:
+        """Prefill one prompt into `row` of a running batch, ending at the current slot; logits (1, V)."""
+        c, P = self.cache, len(prompt)
+        if P > c.length:  # make room on the left: shift every row right
+            self._shift(P - c.length)
+        view = _row_view(c, slice(row, row + 1))
+        view.key_pos.fill_(-1)  # forget the previous occupant
+        view.next_pos.zero_()
+        view.length, view.has_holes = c.length - P, True
+        self.start[row] = c.length - P
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=view, logits_to_keep=1)
+        c.has_holes = True
+        return logits[:, -1]
+
+    # ------------------------------------------------------------------ slot management
+    def _shift(self, delta: int) -> None:
+        """Move every row's slots by delta (> 0: right, < 0: left); vacated slots become empty."""
+        c, L = self.cache, self.cache.length
+        if c.ring:
+            # Slot s lives at s % W, so rolling the ring by delta moves every slot; the window of the
+            # last W slots holds the same keys before and after, so nothing needs emptying.
+            if delta % c.window:
+                for t in [*c.k, *c.v]:
+                    t.copy_(t.roll(delta, dims=2))
+                c.key_pos.copy_(c.key_pos.roll(delta, dims=1))
+        else:
+            src, dst = (
+                (slice(0, L), slice(delta, L + delta))
+                if delta > 0
+                else (slice(-delta, L), slice(0, L + delta))
+            )
+            for t in [*c.k, *c.v]:
+                t[:, :, dst] = t[:, :, src].clone()
+            c.key_pos[:, dst] = c.key_pos[:, src].clone()
+            c.key_pos[:, slice(0, delta) if delta > 0 else slice(L + delta, L)] = -1
+        c.length = L + delta
+        c.has_holes = True
+        self.start = [max(0, s + delta) for s in self.start]
+
+    def _make_room(self) -> None:
+        """Before a decode step on a full cache: drop the slots that no active row uses any more."""
+        s = min(self.start[i] for i, r in enumerate(self.rows) if r is not None)
+        if s == 0:
+            raise RuntimeError("KV cache full although every request fits its budget (engine bug)")
+        self._shift(-s)
+
+    # ------------------------------------------------------------------ decoding
+    def _static_logits(self, tok: torch.Tensor) -> torch.Tensor:
+        return self.model(tok, cache=self._static)[:, -1]
+
+    def _decode_logits(self, tok: torch.Tensor) -> torch.Tensor:
+        """Logits (B, V) of one decode step feeding tok (B, 1)."""
+        c = self.cache
+        if self._step_fn is None:
+            return self.model(tok, cache=c)[:, -1]
+        self._static.slot.fill_(c.length % c.window if c.ring else c.length)
+        logits = self._step_fn(tok)
+        c.length += 1
+        return logits.clone()  # CUDA graph outputs are overwritten by the next replay
+
+    def _sample_into(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Sample the first token of each of `rows` from logits (len(rows), V); append it to the sequences."""
+        tok = self.sampler(logits, rows)
+        idx = torch.tensor(rows, device=self.device)
+        self.cur[idx] = tok
+        self.sampler.observe(tok, idx)
+        for r, t in zip(rows, tok.tolist()):
+            if self.rows[r].append(t):
+                self._retire(r)
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One decode step for every row; returns the sequences that got a token (finished ones are
+        retired from their rows and have finish_reason set)."""
+        live = [i for i, r in enumerate(self.rows) if r is not None]
+        if not live:
+            return []
+        t0 = time.perf_counter()
+        if self.cache.length + 1 > self.max_len:
+            self._make_room()
+        if len(live) < len(self.rows):
+            # Idle rows are decoded too (fixed shapes); keep their positions at 0, or a row idle for
+            # longer than the context would index past the position tables.
+            self.cache.next_pos[[i for i, r in enumerate(self.rows) if r is None]] = 0
+        logits = self._decode_logits(self.cur[:, None])
+        tok = self.sampler(logits)  # (B,)
+        self.sampler.observe(tok)
+        self.cur = tok
+        toks = tok.tolist()  # the one host sync of the step
+        out = []
+        for i in live:
+            seq = self.rows[i]
+            if seq.append(toks[i]):
+                self._retire(i)
+            out.append(seq)
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(live)
+        self.stats["decode_s"] += time.perf_counter() - t0
+        return out

@@ -1,0 +1,334 @@
+"""The engine: batched == individual, cached == uncached, continuous batching, stops, streaming, limits."""
+
+import pytest
+import torch
+
+from lmforge.checkpoint import save_model
+from lmforge.config import preset
+from lmforge.infer import Engine, SamplingParams, Sequence, generate, stream
+from lmforge.infer.engine import _StaticStep
+from lmforge.lm import LM, load
+from lmforge.model import build
+from lmforge.tokenizer import train_tokenizer
+from lmforge.utils import UserError
+
+VOCAB = 300
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [42], [3] * 20 + [17, 18], [250, 251]]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are faster on one thread, and immune to OpenMP stalls when other jobs share the CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _lm(family="llama", tokenizer=None, **kw):
+    torch.manual_seed(0)
+    vocab = tokenizer.vocab_size if tokenizer is not None else VOCAB
+    eos = tokenizer.eos_id if tokenizer is not None else None
+    return LM(build(preset(family, "debug", vocab_size=vocab, eos_token_id=eos, **kw)).eval(), tokenizer)
+
+
+def _greedy(lm, prompts, n, **kw):
+    return generate(lm, prompts, max_new_tokens=n, temperature=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    docs = [
+        "Hello world! Héllo wörld, ünïcödé ☃ 日本語のテキスト. def add(a, b): return a + b\n",
+        "The quick brown fox jumps over the lazy dog. Ça va? 你好世界 🙂🙃",
+    ] * 20
+    return train_tokenizer(docs, 400)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt2"])
+def test_batch_equals_each_prompt_alone(family):
+    lm = _lm(family)  # mistral debug: window 64 < 22 + 80 tokens, so the ring buffer wraps
+    alone = [_greedy(lm, p, 80, ignore_eos=True) for p in PROMPTS]
+    assert _greedy(lm, PROMPTS, 80, ignore_eos=True) == alone
+
+
+def _record_logits(monkeypatch):
+    """Capture the (B, V) logits of every prefill and decode step the engine samples from."""
+    seen = []
+    orig_decode, orig_sample = Engine._decode_logits, Engine._sample_into
+
+    def decode(self, tok):
+        out = orig_decode(self, tok)
+        seen.append(out.clone())
+        return out
+
+    def sample_into(self, logits, rows):
+        seen.append(logits.clone())
+        return orig_sample(self, logits, rows)
+
+    monkeypatch.setattr(Engine, "_decode_logits", decode)
+    monkeypatch.setattr(Engine, "_sample_into", sample_into)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gpt"])
+def test_cached_logits_equal_uncached(monkeypatch, family):
+    lm = _lm(family)
+    seen = _record_logits(monkeypatch)
+    out = _greedy(lm, PROMPTS, 70, ignore_eos=True)
+    steps = torch.stack(seen, 1)  # (B, 70, V): prefill, then one decode step per token
+    for i, (p, o) in enumerate(zip(PROMPTS, out)):
+        with torch.no_grad():
+            ref = lm.model(torch.tensor([p + o]))[0, len(p) - 1 : -1]  # uncached, one pass over everything
+        torch.testing.assert_close(steps[i], ref, atol=1e-4, rtol=0)
+
+
+def _run_continuous(engine, reqs, admit_every=5):
+    """Admit one request every `admit_every` steps while others decode; returns {id: token_ids}."""
+    pending = [
+        Sequence(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True), id=i)
+        for i, (p, n) in enumerate(reqs)
+    ]
+    done, step = {}, 0
+    while pending or engine.active:
+        if pending and engine.free_rows and step % admit_every == 0:
+            for s in engine.add([pending.pop(0)]):
+                done[s.id] = s
+        for s in engine.step():
+            done[s.id] = s
+        step += 1
+    return {i: s.token_ids for i, s in done.items()}
+
+
+def test_bf16_decode_path_matches_an_uncached_forward(monkeypatch):
+    """bf16 on CPU decodes through oneDNN-packed weights and few_query_attention: same logits as the
+    plain full forward to bf16 rounding, same greedy tokens."""
+    lm = _lm()
+    lm.model.to(torch.bfloat16)
+    seen = _record_logits(monkeypatch)
+    p = PROMPTS[0]
+    out = _greedy(lm, p, 30, ignore_eos=True)
+    with torch.no_grad():
+        ref = lm.model(torch.tensor([p + out]))[0, len(p) - 1 : -1].float()
+    got = torch.cat(seen).float()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+    assert got.argmax(-1).tolist() == out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("static", [False, True])
+def test_continuous_batching_equals_each_request_alone(family, static):
+    """Requests join a running batch (rows shift right for a long prompt, left when slots run out)."""
+    lm = _lm(family)
+    reqs = [
+        (PROMPTS[0], 40),
+        (PROMPTS[1], 60),
+        ([9] * 30, 50),
+        ([7, 1], 30),
+        ([3] * 45, 20),
+        (PROMPTS[3], 35),
+    ]
+    ref = [_greedy(lm, p, n, ignore_eos=True) for p, n in reqs]
+    engine = Engine(lm.model, max_batch=3, max_len=80)  # mistral: window 64 < 80, a ring buffer
+    if static:  # the fixed-shape decode step that CUDA graphs replay, run eagerly
+        engine._static = _StaticStep(engine.cache)
+        engine._step_fn = engine._static_logits
+    shifts = []
+    orig = engine._shift
+    engine._shift = lambda d: (shifts.append(d), orig(d))
+    got = _run_continuous(engine, reqs)
+    assert [got[i] for i in range(len(reqs))] == ref
+    assert any(d > 0 for d in shifts) and any(d < 0 for d in shifts)
+
+
+def test_static_decode_step_compiles_as_one_graph():
+    """The CUDA-graph decode step traces with fullgraph=True (no graph breaks) and decodes the same."""
+    lm = _lm("mistral", n_layers=1)
+    ref = _greedy(lm, PROMPTS[:2], 12, ignore_eos=True)
+    engine = Engine(lm.model, max_batch=2, max_len=40)
+    engine._static = _StaticStep(engine.cache)
+    engine._step_fn = torch.compile(engine._static_logits, backend="eager", fullgraph=True)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    seqs = engine.add([Sequence(p, params) for p in PROMPTS[:2]])
+    while engine.active:
+        engine.step()
+    assert [s.token_ids for s in seqs] == ref
+
+
+def test_rows_stop_on_their_own_stop_tokens_and_the_batch_ends_when_all_do():
+    lm = _lm()
+    free = _greedy(lm, PROMPTS, 30, ignore_eos=True)
+    stops = [row[5] for row in free[:3]] + [-1]  # rows 0-2 stop at their 6th token (or earlier repeat)
+    per_row = [
+        generate(lm, p, max_new_tokens=30, temperature=0, stop_token_ids=[s], details=True)
+        for p, s in zip(PROMPTS, stops)
+    ]
+    for r, f, s in zip(per_row, free, stops):
+        n = f.index(s) + 1 if s in f else 30
+        assert r.token_ids == f[:n] and r.finish_reason == ("stop" if s in f else "length")
+    # The same rows in one batch, each with its own stop token, via the engine.
+    engine = Engine(lm.model, max_batch=4, max_len=60)
+    seqs = [
+        Sequence(p, SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=(s,)))
+        for p, s in zip(PROMPTS, stops)
+    ]
+    engine.add(seqs)
+    steps = 0
+    while engine.active:
+        engine.step()
+        steps += 1
+    assert [s.token_ids for s in seqs] == [r.token_ids for r in per_row]
+    assert steps == max(len(s.token_ids) for s in seqs) - 1  # no step after the last row finished
+
+
+def test_eos_from_the_config_stops_generation():
+    lm = _lm()
+    free = _greedy(lm, PROMPTS[0], 20, ignore_eos=True)
+    lm.model.config.eos_token_id = free[3]
+    try:
+        out = generate(lm, PROMPTS[0], max_new_tokens=20, temperature=0, details=True)
+    finally:
+        lm.model.config.eos_token_id = None
+    assert out.token_ids == free[: free.index(free[3]) + 1] and out.finish_reason == "stop"
+
+
+def test_text_streaming_equals_generate_and_is_valid_utf8(tok):
+    lm = _lm(tokenizer=tok)
+    for prompt in ["Hello", "日本", "def add"]:
+        full = generate(lm, prompt, max_new_tokens=40, temperature=0, ignore_eos=True, details=True)
+        assert full.text == tok.decode(full.token_ids, skip_special=True)
+        s = stream(lm, prompt, max_new_tokens=40, temperature=0, ignore_eos=True)
+        pieces = list(s)
+        assert "".join(pieces) == full.text and s.token_ids == full.token_ids
+        for piece in pieces[:-1]:  # an unfinished character is held back, never sent as U+FFFD
+            assert not piece.endswith("\ufffd") or full.text.count("\ufffd") > 0
+
+
+def test_stop_strings_cut_the_text_and_streaming_agrees(tok):
+    lm = _lm(tokenizer=tok)
+    prompt = "The quick"
+    free = generate(lm, prompt, max_new_tokens=60, temperature=0, ignore_eos=True)
+    stop = free[25:28]
+    cut = free[: free.find(stop)]
+    out = generate(
+        lm, prompt, max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop, "never-seen"], details=True
+    )
+    assert out.text == cut and out.finish_reason == "stop"
+    assert "".join(stream(lm, prompt, max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop])) == cut
+    # Batched rows with the stop: every row is cut on its own.
+    outs = generate(lm, [prompt, "Hello"], max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop])
+    assert outs[0] == cut and outs[1] == generate(
+        lm, "Hello", max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop]
+    )
+
+
+def test_held_back_text_is_released_when_the_stop_string_does_not_complete():
+    from lmforge.infer.sequence import _held_back
+
+    assert _held_back("abc</", ("</s>",)) == 2
+    assert _held_back("abc<", ("</s>", "<|end|>")) == 1
+    assert _held_back("abc", ("</s>",)) == 0
+    seq = Sequence([1], SamplingParams(stop=("STOP",)))
+    seq.text = "hello ST"
+    assert seq.pop_text() == "hello "
+    seq.text = "hello STx"
+    assert seq.pop_text() == "STx"
+
+
+def test_context_limit_is_an_error_naming_both_numbers_unless_truncating_left():
+    lm = _lm(max_seq_len=64)
+    prompt = list(range(3, 53))  # 50 tokens
+    with pytest.raises(UserError, match=r"50 tokens \+ max_new_tokens=20 = 70 .* context of 64"):
+        generate(lm, prompt, max_new_tokens=20, temperature=0)
+    got = generate(lm, prompt, max_new_tokens=20, temperature=0, truncate="left", ignore_eos=True)
+    assert got == generate(lm, prompt[-44:], max_new_tokens=20, temperature=0, ignore_eos=True)
+    lm.model.config.bos_token_id = 3  # a leading BOS survives truncation
+    try:
+        got = generate(lm, prompt, max_new_tokens=20, temperature=0, truncate="left", ignore_eos=True)
+    finally:
+        lm.model.config.bos_token_id = None
+    assert got == generate(lm, [3] + prompt[-43:], max_new_tokens=20, temperature=0, ignore_eos=True)
+    with pytest.raises(UserError, match="max_new_tokens=64 leaves no room"):
+        generate(lm, prompt, max_new_tokens=64, truncate="left")
+
+
+def test_num_samples_and_seed(tok):
+    lm = _lm(tokenizer=tok)
+    a = generate(lm, ["Hello", "The"], num_samples=3, seed=0, max_new_tokens=15, top_k=50)
+    b = generate(lm, ["Hello", "The"], num_samples=3, seed=0, max_new_tokens=15, top_k=50)
+    assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
+    assert len(set(a[0])) > 1  # independent samples
+    assert a != generate(lm, ["Hello", "The"], num_samples=3, seed=1, max_new_tokens=15, top_k=50)
+    s = "".join(stream(lm, "Hello", seed=5, max_new_tokens=15, min_p=0.1))
+    assert s == generate(lm, "Hello", seed=5, max_new_tokens=15, min_p=0.1)
+
+
+def test_lm_api_and_checkpoint_round_trip(tmp_path, tok):
+    lm = _lm(tokenizer=tok)
+    save_model(lm.model, tmp_path / "m", tokenizer=tok)
+    lm2 = load(tmp_path / "m", device="cpu")
+    text = lm2.generate("Hello", max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert text == generate(lm, "Hello", max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert "".join(lm2.stream("Hello", max_new_tokens=10, temperature=0, ignore_eos=True)) == text
+    with pytest.raises(UserError, match="unknown generation option"):
+        lm2.generate("Hello", max_tokens=3)
+    with pytest.raises(UserError, match="top_p"):
+        lm2.generate("Hello", top_p=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_row_idle_for_longer_than_the_context_keeps_working(family):
+    """Idle rows are decoded too; their positions must not run past the position tables (context 64)."""
+    lm = _lm(family, max_seq_len=64)
+    engine = Engine(lm.model, max_batch=3, max_len=64)
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    ref = _greedy(lm, PROMPTS[0], 40, ignore_eos=True)
+    seqs = []
+    for step in range(120):  # rows 0 and 1 take turns, so the batch never empties; row 2 stays idle
+        if step % 25 == 0 and step < 125:
+            seqs += engine.add([Sequence(PROMPTS[0], params)])
+        engine.step()
+    assert engine.rows[2] is None and engine.active == 1
+    seqs += engine.add([Sequence(PROMPTS[0], params), Sequence(PROMPTS[0], params)])
+    assert engine.rows[2] is seqs[-1]  # a row that was idle for 120 steps
+    while engine.active:
+        engine.step()
+    assert all(s.token_ids == ref for s in seqs) and len(seqs) == 7
+    assert engine.cancel(seqs[-1]) is False
+    (s,) = engine.add([Sequence(PROMPTS[0], params)])
+    assert engine.cancel(s) is True and engine.active == 0 and engine.step() == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_query_attention_equals_sdpa(dtype):
+    """The decode attention used for bf16 on CPU (model.few_query_attention) is SDPA's math."""
+    from lmforge.cache import make_mask
+    from lmforge.model import few_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, KV, T, S, hd = 2, 6, 2, 3, 40, 16
+    q, k, v = (torch.randn(B, n, t, hd, generator=g) for n, t in ((H, T), (KV, S), (KV, S)))
+    k_pos = torch.arange(S).expand(B, S).clone()
+    k_pos[0, :5] = -1  # padding
+    mask = make_mask(torch.arange(S - T, S).expand(B, T), k_pos, 16, S - T)  # (B, 1, T, S), window 16
+    for m in (mask, None):
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, scale=0.25, enable_gqa=True
+        )
+        got = few_query_attention(q.to(dtype), k.to(dtype), v.to(dtype), m, 0.25).float()
+        torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 3e-2, rtol=0)
+
+
+def test_a_rejected_request_leaves_the_running_batch_alone():
+    lm = _lm()
+    engine = Engine(lm.model, max_batch=3, max_len=64)
+    params = SamplingParams(max_new_tokens=30, temperature=0, ignore_eos=True)
+    (running,) = engine.add([Sequence(PROMPTS[0], params)])
+    engine.step()
+    too_long = Sequence(list(range(3, 43)), params)  # 40 + 30 > 64 slots
+    with pytest.raises(UserError, match="does not fit the engine's 64 slots"):
+        engine.add([Sequence(PROMPTS[1], params), too_long])
+    assert engine.active == 1 and engine.rows[1] is None
+    while engine.active:
+        engine.step()
+    assert running.token_ids == _greedy(lm, PROMPTS[0], 30, ignore_eos=True)
