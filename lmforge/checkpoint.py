@@ -235,6 +235,10 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None 
     path = Path(path)
     cfg = read_config(path)
     files = _TensorFiles(path)
+    if cfg.extra.get("quantization_config"):  # integer weights + scales (lmforge quantize)
+        from lmforge.compress.qlinear import load_quantized
+
+        return load_quantized(path, cfg, files, device, dtype)
     model = build(cfg, meta=True)
     expected = {k: tuple(v.shape) for k, v in to_hf_state_dict(model).items()}  # HF names and shapes
 
@@ -271,8 +275,13 @@ def save_model(
     """Write an HF model directory atomically (the directory appears complete or not at all)."""
     path = Path(path)
     cfg = model.config
-    state = to_hf_state_dict(model)
-    dtype = next(iter(state.values())).dtype
+    if cfg.extra.get("quantization_config"):  # quantized layers write their integer weights + scales
+        from lmforge.compress.qlinear import quantized_state_dict
+
+        state, dtype = quantized_state_dict(model)
+    else:
+        state = to_hf_state_dict(model)
+        dtype = next(iter(state.values())).dtype
     hf = cfg.to_hf() | {"torch_dtype": DTYPE_NAMES.get(dtype, "float32"), "transformers_version": "4.46.0"}
     gen = {
         k: v
