@@ -56,7 +56,9 @@ class KVCache:
     k[i], v[i]: (B, KV, S, hd) with S = max_len, or S = window for sliding-window models.
     """
 
-    def __init__(self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32, ring: bool = True):
+    def __init__(
+        self, config, batch_size: int, max_len: int, device=None, dtype=torch.float32, ring: bool = True
+    ):
         if max_len > config.max_seq_len:
             raise ValueError(
                 f"KV cache of {max_len} tokens exceeds the model's context of {config.max_seq_len}"

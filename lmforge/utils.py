@@ -93,8 +93,14 @@ def atomic_dir(path: str | os.PathLike):
 # ---------------------------------------------------------------------------------------------
 # Devices and dtypes.
 
-DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
-               "fp16": "float16", "float16": "float16"}
+DTYPE_NAMES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
 
 
 def resolve_device(device=None):

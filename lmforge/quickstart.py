@@ -1,0 +1,271 @@
+"""`lmforge quickstart`: a first language model end to end on the embedded python-docs corpus.
+
+Every stage writes into the run directory and records what it did in `stages.json`; a re-run reuses
+a finished stage (its output is there) unless `--fresh` is given.
+
+    1 tokenizer  <out>/tokenizer/      byte-level BPE trained on python-docs (train split)
+    2 data       <out>/data/           token shards with a validation split
+    3 pretrain   <out>/final/          a Llama sized for the time budget (lmforge pretrain --time-budget)
+    4 evaluate                         validation bits-per-byte and perplexity; three samples
+    5 quantize   <out>/int8/           weight-only int8, evaluated too
+    6 export     <out>/export/         ONNX (checked in onnxruntime) and GGUF (llama.cpp)
+    7 report     <out>/report.md       the report card: config, loss curve, metrics, samples, timings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from lmforge.utils import atomic_write_text, dir_size, human_bytes, human_count
+
+PROMPTS = ["def ", "The os module", "class "]
+
+
+class Stages:
+    """stages.json: one record per finished stage ({"seconds": ..., **results})."""
+
+    def __init__(self, out: Path, fresh: bool):
+        self.file = out / "stages.json"
+        self.done: dict = {} if fresh or not self.file.exists() else json.loads(self.file.read_text())
+
+    def run(self, name: str, outputs: list[Path], fn, *, title: str):
+        rec = self.done.get(name)
+        if rec is not None and all(p.exists() for p in outputs):
+            print(
+                f"[{name}] reusing {', '.join(str(p) for p in outputs) or 'previous result'} "
+                f"({rec['seconds']:.1f}s when it ran; --fresh to redo)"
+            )
+            return rec
+        print(f"\n[{name}] {title}")
+        t0 = time.perf_counter()
+        result = fn() or {}
+        rec = {"seconds": time.perf_counter() - t0, **result}
+        self.done[name] = rec
+        atomic_write_text(self.file, json.dumps(self.done, indent=2) + "\n")
+        print(f"[{name}] done in {rec['seconds']:.1f}s")
+        return rec
+
+
+def quickstart(
+    out: str = "runs/quickstart",
+    *,
+    fresh: bool = False,
+    minutes: float = 4.0,
+    vocab_size: int = 4096,
+    data: str = "python-docs",
+    device: str = "auto",
+    dtype: str | None = None,
+    seq_len: int = 256,
+    export: bool = True,
+) -> Path:
+    """Run the whole pipeline; returns the path of the report card."""
+    from lmforge.data.prepare import prepare
+    from lmforge.data.tokenize_corpus import train_tokenizer_on
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    st = Stages(out, fresh)
+    tok_dir, data_dir, final = out / "tokenizer", out / "data", out / "final"
+    int8_dir, export_dir = out / "int8", out / "export"
+
+    def tokenizer_stage():
+        tok, rep = train_tokenizer_on(data, vocab_size, tok_dir)
+        return {"vocab_size": tok.vocab_size, "bytes_per_token": rep.get("bytes_per_token")}
+
+    st.run(
+        "tokenizer",
+        [tok_dir / "tokenizer.json"],
+        tokenizer_stage,
+        title=f"training a {vocab_size}-token BPE tokenizer on {data}",
+    )
+
+    def data_stage():
+        meta = prepare(data, tok_dir, data_dir, force=fresh)
+        return {k: meta.get(k) for k in ("mb_per_s", "peak_rss_mb")} | {
+            "train_tokens": meta["splits"]["train"]["tokens"],
+            "val_tokens": meta["splits"]["val"]["tokens"],
+        }
+
+    st.run("data", [data_dir / "meta.json"], data_stage, title=f"tokenizing {data} into token shards")
+
+    def pretrain_stage():
+        from lmforge.train import load_config, train
+
+        cfg = load_config(
+            None,
+            {
+                "name": "pretrain",
+                "out_dir": str(out),
+                "device": device,
+                "dtype": dtype or "auto",
+                "time_budget": f"{minutes * 60:.0f}s",
+                "model.family": "llama",
+                "data.path": str(data_dir),
+                "data.tokenizer": str(tok_dir),
+                "data.seq_len": seq_len,
+                "eval.samples": 1,
+                "eval.prompts": PROMPTS[:1],
+                "ckpt.every": 0,
+            },
+        )
+        summary = train(cfg)
+        _replace_dir(out / "pretrain" / "final", final)
+        from lmforge.checkpoint import read_config
+
+        return {
+            "steps": summary["step"],
+            "tokens": summary["tokens"],
+            "params": read_config(final).n_params(),
+            "val_loss": summary["val_loss"],
+            "val_bpb": summary["val_bpb"],
+            "tokens_per_s": summary["tok_per_s"],
+            "mfu": summary["mfu"],
+        }
+
+    st.run(
+        "pretrain",
+        [final / "model.safetensors"],
+        pretrain_stage,
+        title=f"pretraining a Llama for about {minutes:g} minutes (sized by lmforge pretrain --time-budget)",
+    )
+
+    def evaluate_stage(path, name):
+        import lmforge
+        from lmforge.evaluate import evaluate_lm
+
+        lm = lmforge.load(path, device=device)
+        res = evaluate_lm(lm, str(data_dir), split="val")
+        samples = [
+            lm.generate(p, max_new_tokens=48, temperature=0.8, top_k=50, seed=i)
+            for i, p in enumerate(PROMPTS)
+        ]
+        for p, s in zip(PROMPTS, samples):
+            print(f"  {name} sample: {p!r} -> {p + s!r}")
+        print(f"  {name}: bits-per-byte {res['bits_per_byte']:.4f}, perplexity {res['perplexity']:.2f}")
+        return {
+            "bits_per_byte": res["bits_per_byte"],
+            "perplexity": res["perplexity"],
+            "loss": res["loss"],
+            "size_bytes": dir_size(path),
+            "samples": samples,
+        }
+
+    st.run(
+        "evaluate",
+        [final],
+        lambda: evaluate_stage(final, "fp32"),
+        title="evaluating on the validation split and sampling three continuations",
+    )
+
+    def quantize_stage():
+        from lmforge.compress.quantize import quantize
+
+        quantize(final, int8_dir, "int8", eval_data=None, device=device)
+        return evaluate_stage(int8_dir, "int8")
+
+    st.run(
+        "quantize", [int8_dir / "config.json"], quantize_stage, title="quantizing to int8 and evaluating it"
+    )
+
+    if export:
+
+        def export_stage():
+            from lmforge.export import export as do_export
+
+            onnx = do_export(final, "onnx", out=export_dir / "model.onnx")
+            gguf = do_export(final, "gguf", out=export_dir / "model-f16.gguf", dtype="f16")
+            return {
+                "onnx": str(onnx),
+                "gguf": str(gguf),
+                "onnx_bytes": dir_size(onnx),
+                "gguf_bytes": dir_size(gguf),
+            }
+
+        st.run(
+            "export",
+            [export_dir / "model.onnx", export_dir / "model-f16.gguf"],
+            export_stage,
+            title="exporting to ONNX (checked in onnxruntime) and GGUF",
+        )
+
+    report = out / "report.md"
+    write_report(out, st.done, report)
+    total = time.perf_counter() - t_all
+    print(f"\nquickstart finished in {total:.0f}s; report card: {report}")
+    return report
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def write_report(out: Path, done: dict, path: Path) -> None:
+    """The report card: what was built, how good it is, how long each stage took, what to try next."""
+    pre, ev, q = done.get("pretrain", {}), done.get("evaluate", {}), done.get("quantize", {})
+    lines = ["# lmforge quickstart: report card", ""]
+    cfg_file = out / "final" / "config.json"
+    if cfg_file.exists():
+        c = json.loads(cfg_file.read_text())
+        lines += [
+            "## The model",
+            "",
+            f"A {c['model_type']} model with {human_count(pre.get('params') or 0)} parameters: "
+            f"d_model {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads "
+            f"({c['num_key_value_heads']} KV heads), vocabulary {c['vocab_size']}, context "
+            f"{c['max_position_embeddings']}. Trained for {pre.get('steps')} steps on "
+            f"{human_count(pre.get('tokens') or 0)} tokens of python-docs "
+            f"({pre.get('tokens_per_s') or 0:,.0f} tokens/s). Full training config: "
+            f"`{out / 'pretrain' / 'config.yaml'}`.",
+            "",
+        ]
+    if (out / "pretrain" / "loss.png").exists():
+        lines += ["![loss curve](pretrain/loss.png)", ""]
+    lines += [
+        "## Metrics (validation split)",
+        "",
+        "| variant | size on disk | bits per byte | perplexity |",
+        "|---|---|---|---|",
+    ]
+    for name, rec in (("fp32", ev), ("int8", q)):
+        if rec:
+            lines.append(
+                f"| {name} | {human_bytes(rec['size_bytes'])} | {rec['bits_per_byte']:.4f} | "
+                f"{rec['perplexity']:.2f} |"
+            )
+    ex = done.get("export")
+    if ex:
+        lines += [
+            "",
+            f"Exports: `{ex['onnx']}` ({human_bytes(ex['onnx_bytes'])}), `{ex['gguf']}` "
+            f"({human_bytes(ex['gguf_bytes'])}).",
+        ]
+    if ev.get("samples"):
+        lines += ["", "## Samples (temperature 0.8, top-k 50)", ""]
+        for p, s in zip(PROMPTS, ev["samples"]):
+            lines += ["```", p + s, "```"]
+    lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v['seconds']:.1f} |" for k, v in done.items()]
+    lines += [
+        f"| **total** | {sum(v['seconds'] for v in done.values()):.1f} |",
+        "",
+        "## Next",
+        "",
+        "```bash",
+        f"lmforge chat {out / 'final'}",
+        f"lmforge generate {out / 'final'} --prompt 'def ' --max-new-tokens 64",
+        f"lmforge serve {out / 'final'} --port 8000      # then open http://127.0.0.1:8000/",
+        f"lmforge evaluate {out / 'int8'} --data {out / 'data'}",
+        f"docker run -p 8000:8000 -v $PWD/{out / 'final'}:/models/model lmforge",
+        "```",
+        "",
+    ]
+    atomic_write_text(path, "\n".join(lines))
+    os.utime(path)
