@@ -24,8 +24,13 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 # What only the test suite needs beyond the Python packages: llama.cpp and a headless Chromium.
+# The built wheel is kept in WHEELS (outside the checkout), so it is built once per machine, not per clone.
+WHEELS ?= $(HOME)/.cache/lmforge/wheels
+
 $(VENV)/.test-deps: $(STAMP)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet "llama-cpp-python>=0.3" \
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-deps --prefer-binary \
+		--find-links "$(WHEELS)" -w "$(WHEELS)" "llama-cpp-python>=0.3" \
+		&& $(BIN)/python -m pip install --quiet --prefer-binary --find-links "$(WHEELS)" "llama-cpp-python>=0.3" \
 		|| echo "llama-cpp-python could not be built: the llama.cpp comparison tests will skip"
 	sh scripts/ensure_chromium.sh
 	@touch $@
