@@ -168,22 +168,19 @@ def main() -> None:
 
     # lmforge alone: decode speed as the context and the batch grow (last dtype loaded).
     contexts = [128, 1024, 2048] if args.quick else [128, 512, 1024, 2048]
-    print(f"\nlmforge {name} decode tok/s by context (prompt = context - {n} tokens, batch 1):")
-    print("| context | " + " | ".join(map(str, contexts)) + " |\n|---|" + "---|" * len(contexts))
-    row = []
-    for c in contexts:
-        ids = _ids(c - n)
-        row.append(_speeds({"ours": lambda k, ids=ids, lm=lm: _ours(lm, ids, k)}, c - n, 1, n, 1)["ours"][1])
-    print("| tok/s | " + " | ".join(f"{v:.1f}" for v in row) + " |", flush=True)
-
     batches = [1, 8, 32] if args.quick else [1, 4, 8, 16, 32]
-    print(f"\nlmforge {name} decode tok/s by batch (128-token prompts, all rows together):")
-    print("| batch | " + " | ".join(map(str, batches)) + " |\n|---|" + "---|" * len(batches))
-    row = []
-    for b in batches:
-        ids = _ids(128, b)
-        row.append(_speeds({"ours": lambda k, ids=ids, lm=lm: _ours(lm, ids, k)}, 128, b, n, 1)["ours"][1])
-    print("| tok/s | " + " | ".join(f"{v:.0f}" for v in row) + " |")
+    for what, values in (("context", contexts), ("batch", batches)):
+        rows = []
+        for v in values:
+            prompt_len, b = (v - n, 1) if what == "context" else (128, v)
+            ids = _ids(prompt_len, b)
+            fns = {"ours": lambda k, ids=ids, lm=lm: _ours(lm, ids, k)}
+            rows.append(_speeds(fns, prompt_len, b, n, 1)["ours"][1:])
+        where = f"prompt = context - {n} tokens, batch 1" if what == "context" else "128-token prompts"
+        print(f"\nlmforge {name} decode by {what} ({where}; all rows together):")
+        print(f"| {what} | " + " | ".join(map(str, values)) + " |\n|---|" + "---|" * len(values))
+        print("| tok/s | " + " | ".join(f"{d:.1f}" for d, _ in rows) + " |")
+        print("| tok/CPU-s | " + " | ".join(f"{c:.1f}" for _, c in rows) + " |", flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes slow every figure)")
 
 
