@@ -106,7 +106,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
-        if T <= 16 and not is_causal and x.device.type == "cpu" and x.dtype != torch.float32:
+        # static conditions first: a symbolic T (ONNX export) must not be compared unless needed
+        if x.device.type == "cpu" and x.dtype != torch.float32 and not is_causal and T <= 16:
             y = few_query_attention(q, k, v, mask, self.hd**-0.5)  # decode: see its docstring
         else:
             y = F.scaled_dot_product_attention(
