@@ -1026,7 +1026,10 @@ def _cmd_prune(sub) -> None:
         help="recovery data: a `data prepare` directory, or a source (prepared with the model's tokenizer)",
     )
     p.add_argument(
-        "--recover-lr", type=float, default=3e-4, help="recovery peak learning rate (default: 3e-4)"
+        "--recover-lr",
+        type=float,
+        default=1e-4,
+        help="recovery peak learning rate; about the end of pretraining's schedule (default: 1e-4)",
     )
     p.add_argument(
         "--recover-batch-size", type=int, default=8, help="recovery sequences per step (default: 8)"
