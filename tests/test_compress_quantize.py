@@ -209,3 +209,20 @@ def test_cuda_kernels_match_dequantized_weights(bits):
     ref = F.linear(x.float(), m.dequantize().to("cuda"))
     out = m(x).float()
     assert float((out - ref).abs().max()) < 2e-2 * float(ref.abs().max()), m.kernel
+
+
+def test_export_of_a_quantized_checkpoint_is_a_clear_error(tmp_path):
+    import lmforge
+    from lmforge.checkpoint import save_model
+    from lmforge.compress.quantize import quantize_model
+    from lmforge.config import preset
+    from lmforge.export import export
+    from lmforge.model import build
+    from lmforge.utils import UserError
+
+    model = build(preset("llama", "debug"))
+    save_model(quantize_model(model, "int8"), tmp_path / "q")
+    assert lmforge.load(tmp_path / "q", device="cpu").config.extra.get("quantization_config")
+    with pytest.raises(UserError, match="quantized checkpoint"):
+        export(tmp_path / "q", "gguf", out=tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -75,7 +75,13 @@ def export(
             raise UserError(f"--dtype {dtype!r}: {fmt} export writes {', '.join(GGUF_DTYPES)}")
     from lmforge.checkpoint import read_config
 
-    read_config(checkpoint)  # a missing or broken checkpoint fails here
+    if read_config(checkpoint).extra.get(
+        "quantization_config"
+    ):  # a missing or broken checkpoint fails here too
+        raise UserError(
+            f"{checkpoint} is an lmforge-quantized checkpoint; export the float checkpoint it came "
+            "from (GGUF has its own quantization: --dtype q8_0)"
+        )
     out = Path(out) if out is not None else default_out(checkpoint, fmt, dtype)
     if fmt == "onnx":
         from lmforge.export.onnx import DEFAULT_OPSET, export_onnx
