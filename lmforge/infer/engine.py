@@ -167,6 +167,13 @@ class Engine:
         self.rows[row] = None
         self.sampler.clear_row(row)
 
+    def _park_idle_rows(self) -> None:
+        """Idle rows are decoded too (fixed shapes); keep their positions at 0, or a row idle for longer
+        than the context would index past the position tables. A request joining a row resets it."""
+        idle = self.free_rows
+        if idle:
+            self.cache.next_pos[idle] = 0
+
     def cancel(self, seq: Sequence) -> bool:
         """Stop generating `seq` (e.g. its client went away) and free its row; False if it holds none."""
         for i, r in enumerate(self.rows):
@@ -306,10 +313,7 @@ class Engine:
         t0 = time.perf_counter()
         if self.cache.length + 1 > self.max_len:
             self._make_room()
-        if len(live) < len(self.rows):
-            # Idle rows are decoded too (fixed shapes); keep their positions at 0, or a row idle for
-            # longer than the context would index past the position tables.
-            self.cache.next_pos[[i for i, r in enumerate(self.rows) if r is None]] = 0
+        self._park_idle_rows()
         logits = self._decode_logits(self.cur[:, None])
         tok = self.sampler(logits)  # (B,)
         self.sampler.observe(tok)

@@ -23,7 +23,7 @@ Several models (a base and its LoRA variants) are several engines in the same th
 on a CPU this is as fast as separate threads, and it keeps one owner for all of them.
 
 The server's engines are `ServingEngine`s: an Engine whose uncompiled decode step skips the empty rows
-at the end of the batch (see its docstring). `_park_idle_rows` keeps empty rows' positions in range.
+at the end of the batch (see its docstring). Empty rows' positions stay in range (Engine._park_idle_rows).
 """
 
 from __future__ import annotations
@@ -252,7 +252,6 @@ class Scheduler:
         self._admit(out)
         for engine in self.engines.values():
             if engine.active:
-                _park_idle_rows(engine)
                 now_seqs = engine.step()
                 now = time.monotonic()
                 for seq in now_seqs:
@@ -276,10 +275,7 @@ class Scheduler:
                 self._finish(req, "cancelled", out)
 
     def _free_row(self, engine: Engine, seq: Sequence) -> None:
-        # Engine has no public cancel: a row is free when it holds None, which is what _retire does.
-        for i, r in enumerate(engine.rows):
-            if r is seq:
-                engine._retire(i)
+        engine.cancel(seq)
         self._owner.pop(seq, None)
 
     def _admit(self, out) -> None:
@@ -429,6 +425,7 @@ class ServingEngine(Engine):
         t0 = time.perf_counter()
         if self.cache.length + 1 > self.max_len:
             self._make_room()
+        self._park_idle_rows()  # idle rows below k are decoded too
         view = _row_view(self.cache, slice(0, k))
         logits = self.model(self.cur[:k, None], cache=view)[:, -1]  # (k, V)
         self.cache.length = view.length
@@ -447,16 +444,6 @@ class ServingEngine(Engine):
         self.stats["decode_tokens"] += len(live)
         self.stats["decode_s"] += time.perf_counter() - t0
         return out
-
-
-def _park_idle_rows(engine: Engine) -> None:
-    """Keep the position of empty rows at 0. Every row is decoded at every step (fixed shapes), so an
-    empty row's position keeps counting; in continuous batching a row can stay empty for longer than
-    the context while others run, and a position past the context indexes outside the RoPE tables.
-    A row's position is reset when a request joins it, so what it holds meanwhile does not matter."""
-    idle = engine.free_rows
-    if idle:
-        engine.cache.next_pos[idle] = 0
 
 
 def _put_all(batch) -> None:
