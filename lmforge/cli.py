@@ -27,10 +27,31 @@ def _parser(sub, name: str, help: str, examples: list[str], description: str | N
     )
 
 
+def _actions(p):
+    """The sub-parsers of a command with actions (`lmforge data prepare`); the bare command shows its help."""
+    p.set_defaults(func=lambda a: p.print_help())
+    return p.add_subparsers(dest="action", metavar="<action>")
+
+
+# Options that several commands take, each defined once.
+def _add_checkpoint(p, note: str = "") -> None:
+    p.add_argument("checkpoint", help=f"an lmforge or Hugging Face model directory{note}")
+
+
 def _add_device_args(p) -> None:
     p.add_argument("--device", default="auto", help="cuda, mps, cpu or auto (CUDA, then MPS, then CPU)")
     p.add_argument(
         "--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on CPU, the checkpoint's on GPU)"
+    )
+
+
+def _add_tokenizer(p) -> None:
+    p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (or the file itself)")
+
+
+def _add_text_field(p) -> None:
+    p.add_argument(
+        "--text-field", default="text", help="JSON/Parquet field that holds the text (default: text)"
     )
 
 
@@ -42,7 +63,7 @@ def _cmd_info(sub) -> None:
         "describe a checkpoint: family, parameters, size, dtype, context, config",
         ["lmforge info runs/quickstart/final", "lmforge info ./my-hf-llama --json"],
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory")
+    _add_checkpoint(p)
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(func=_run_info)
 
@@ -119,7 +140,7 @@ def _cmd_tokenizer(sub) -> None:
             "lmforge tokenizer encode --tokenizer runs/tok 'Hello, world!'",
         ],
     )
-    ss = p.add_subparsers(dest="action", metavar="<action>")
+    ss = _actions(p)
     t = _parser(
         ss,
         "train",
@@ -155,9 +176,8 @@ def _cmd_tokenizer(sub) -> None:
         ["lmforge tokenizer encode --tokenizer runs/tok 'def f(x): return x'"],
     )
     e.add_argument("text", help="text to encode")
-    e.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (or the file itself)")
+    _add_tokenizer(e)
     e.set_defaults(func=_run_tokenizer_encode)
-    p.set_defaults(func=lambda a: p.print_help())
 
 
 def _add_source_args(p) -> None:
@@ -167,9 +187,7 @@ def _add_source_args(p) -> None:
         help="python-docs (built in), c4, hf:owner/name[:config][@split], or a file/folder/glob of "
         ".txt .md .json .jsonl .parquet (.gz/.zst too) (default: python-docs)",
     )
-    p.add_argument(
-        "--text-field", default="text", help="JSON/Parquet field that holds the text (default: text)"
-    )
+    _add_text_field(p)
     p.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     p.add_argument(
         "--val-fraction",
@@ -219,7 +237,7 @@ def _cmd_data(sub) -> None:
             "lmforge data info runs/data",
         ],
     )
-    ss = p.add_subparsers(dest="action", metavar="<action>")
+    ss = _actions(p)
     d = _parser(
         ss,
         "prepare",
@@ -236,7 +254,7 @@ def _cmd_data(sub) -> None:
         "failed run leaves the previous one untouched.",
     )
     _add_source_args(d)
-    d.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (or the file itself)")
+    _add_tokenizer(d)
     d.add_argument("--out", required=True, help="directory for the shards and meta.json")
     d.add_argument(
         "--workers", type=int, default=None, help="tokenizer processes (default: all cores; 1 = in-process)"
@@ -254,11 +272,8 @@ def _cmd_data(sub) -> None:
         ["lmforge data info runs/data", "lmforge data info python-docs", "lmforge data info 'notes/*.md'"],
     )
     i.add_argument("path", help="a `data prepare` output directory, or a --data source spec")
-    i.add_argument(
-        "--text-field", default="text", help="JSON/Parquet field that holds the text (default: text)"
-    )
+    _add_text_field(i)
     i.set_defaults(func=_run_data_info)
-    p.set_defaults(func=lambda a: p.print_help())
 
 
 def _run_data_prepare(a) -> None:
@@ -338,7 +353,10 @@ def _run_train(a, task: str) -> None:
     from lmforge.train.config import config_for_run, overrides_from_args
 
     cfg = config_for_run(a.config, overrides_from_args(a), task)
-    summary = train(cfg)
+    _exit_if_stopped(train(cfg))
+
+
+def _exit_if_stopped(summary: dict) -> None:
     if summary.get("stopped") in ("SIGINT", "SIGTERM"):  # checkpoint written; the usual exit status
         sys.exit(130 if summary["stopped"] == "SIGINT" else 143)
 
@@ -465,7 +483,7 @@ def _cmd_generate(sub) -> None:
             "cat long.txt | lmforge generate ckpt --prompt - --truncate left",
         ],
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory with a tokenizer")
+    _add_checkpoint(p, " with a tokenizer")
     p.add_argument(
         "--prompt",
         action="append",
@@ -563,7 +581,7 @@ def _cmd_evaluate(sub) -> None:
         "from JSONL files; --robustness repeats each task under seeded perturbations of "
         "the inputs (typos, case, whitespace). See docs/evaluation.md.",
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory with a tokenizer")
+    _add_checkpoint(p, " with a tokenizer")
     p.add_argument(
         "--data",
         default=None,
@@ -589,9 +607,7 @@ def _cmd_evaluate(sub) -> None:
         help="tokens each later window moves (default: --seq-len, no overlap); smaller gives every "
         "scored token more context and costs more",
     )
-    p.add_argument(
-        "--text-field", default="text", help="JSON/Parquet field that holds the text (default: text)"
-    )
+    _add_text_field(p)
     p.add_argument(
         "--val-fraction",
         type=float,
@@ -720,7 +736,7 @@ def _cmd_bench(sub) -> None:
         "the same run; a decode step reads the weights plus the KV cache). On GPU also the "
         "prefill MFU against the measured matmul peak.",
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory")
+    _add_checkpoint(p)
     p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated batch sizes (default: 1,8,32)")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per row (default: 128)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default: 64)")
@@ -793,9 +809,7 @@ def _cmd_report(sub) -> None:
     p.add_argument("--split", default="val", help="val (default), train or all")
     p.add_argument("--max-tokens", type=int, default=50_000, help="tokens scored per model (default: 50000)")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: each model's context)")
-    p.add_argument(
-        "--text-field", default="text", help="JSON/Parquet field that holds the text (default: text)"
-    )
+    _add_text_field(p)
     p.add_argument(
         "--val-fraction", type=float, default=0.02, help="share of documents held out (default: 0.02)"
     )
@@ -850,7 +864,7 @@ def _cmd_inspect(sub) -> None:
         "next_token.png (top next-token candidates), rope.png (RoPE frequency tables), plus "
         "inspect.json with the numbers.",
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory with a tokenizer")
+    _add_checkpoint(p, " with a tokenizer")
     p.add_argument("--prompt", required=True, help="the text to look at ('-' reads standard input)")
     p.add_argument("--out", required=True, help="directory for the PNGs and inspect.json")
     p.add_argument(
@@ -896,6 +910,17 @@ def _add_eval_args(p) -> None:
     )
 
 
+def _eval_kwargs(a) -> dict:
+    return {"eval_data": None if a.no_eval else a.eval_data, "eval_tokens": a.eval_tokens}
+
+
+def _add_compress_args(p, result: str, work: str) -> None:
+    """--out, --device and the before/after evaluation, as quantize and prune take them."""
+    p.add_argument("--out", required=True, help=f"directory for the {result} checkpoint")
+    p.add_argument("--device", default="auto", help=f"cuda, cpu or auto (where {work} and the checks run)")
+    _add_eval_args(p)
+
+
 def _cmd_quantize(sub) -> None:
     p = _parser(
         sub,
@@ -916,7 +941,7 @@ def _cmd_quantize(sub) -> None:
         "and CUDA it runs on PyTorch's int8/int4 matmul kernels. Ends with size, bits per byte and decode "
         "speed before and after. See docs/compression.md.",
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory (float weights)")
+    _add_checkpoint(p, " (float weights)")
     p.add_argument("--method", required=True, choices=["int8", "int4"], help="int8 or int4 weights")
     p.add_argument(
         "--group-size",
@@ -944,9 +969,7 @@ def _cmd_quantize(sub) -> None:
         "projection), lm_head (an untied output projection) (default: none)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for picking calibration sequences (default: 0)")
-    p.add_argument("--out", required=True, help="directory for the quantized checkpoint")
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (where quantizing and the checks run)")
-    _add_eval_args(p)
+    _add_compress_args(p, "quantized", "quantizing")
     p.set_defaults(func=_run_quantize)
 
 
@@ -963,8 +986,7 @@ def _run_quantize(a) -> None:
         calibration_samples=a.calibration_samples,
         calibration_seq_len=a.calibration_seq_len,
         seed=a.seed,
-        eval_data=None if a.no_eval else a.eval_data,
-        eval_tokens=a.eval_tokens,
+        **_eval_kwargs(a),
         device=a.device,
     )
 
@@ -988,7 +1010,7 @@ def _cmd_prune(sub) -> None:
         "activations (wanda). --recover-steps fine-tunes the result through the training loop, keeping "
         "pruned weights at zero. Ends with size, bits per byte and decode speed before and after.",
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory")
+    _add_checkpoint(p)
     p.add_argument(
         "--method",
         default="magnitude",
@@ -1043,9 +1065,7 @@ def _cmd_prune(sub) -> None:
         help="run directory of the recovery (metrics, checkpoints) (default: <out>-recovery next to --out)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for calibration and recovery (default: 0)")
-    p.add_argument("--out", required=True, help="directory for the pruned checkpoint")
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (where pruning and the checks run)")
-    _add_eval_args(p)
+    _add_compress_args(p, "pruned", "pruning")
     p.set_defaults(func=_run_prune)
 
 
@@ -1067,8 +1087,7 @@ def _run_prune(a) -> None:
         recover_seq_len=a.recover_seq_len,
         run_dir=a.run_dir,
         seed=a.seed,
-        eval_data=None if a.no_eval else a.eval_data,
-        eval_tokens=a.eval_tokens,
+        **_eval_kwargs(a),
         device=a.device,
     )
 
@@ -1134,11 +1153,9 @@ def _run_distill(a) -> None:
         alpha=a.alpha,
         config=a.config,
         overrides=overrides_from_args(a),
-        eval_data=None if a.no_eval else a.eval_data,
-        eval_tokens=a.eval_tokens,
+        **_eval_kwargs(a),
     )
-    if summary.get("stopped") in ("SIGINT", "SIGTERM"):
-        sys.exit(130 if summary["stopped"] == "SIGINT" else 143)
+    _exit_if_stopped(summary)
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -1159,7 +1176,7 @@ def _cmd_export(sub) -> None:
         "(llama, mistral, mixtral, gemma, gpt2) with the tokenizer and chat template. ollama writes a "
         "directory with the GGUF file and a Modelfile. Output is written atomically. See docs/export.md.",
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory")
+    _add_checkpoint(p)
     p.add_argument("--format", required=True, choices=["onnx", "gguf", "ollama"], help="what to write")
     p.add_argument(
         "--out",
@@ -1232,7 +1249,7 @@ def _cmd_serve(sub) -> None:
         "together by continuous batching. SIGINT/SIGTERM stops taking requests and lets the running ones "
         "finish. See docs/serving.md.",
     )
-    p.add_argument("checkpoint", help="an lmforge or Hugging Face model directory with a tokenizer")
+    _add_checkpoint(p, " with a tokenizer")
     p.add_argument(
         "--host",
         default="127.0.0.1",
