@@ -507,8 +507,8 @@ def _run_generate(a) -> None:
     from lmforge.infer import generate, stream
 
     prompts = [sys.stdin.read() if pr == "-" else pr for pr in a.prompt]
+    params = _sampling_params(a, num_samples=a.num_samples)  # checked before the (slower) model load
     lm, draft, compile = _load_for_generation(a)
-    params = _sampling_params(a, num_samples=a.num_samples)
     kw = dict(params=params, draft=draft, draft_tokens=a.draft_tokens, truncate=a.truncate, compile=compile)
     if len(prompts) == 1 and a.num_samples == 1:
         s = stream(lm, prompts[0], **kw)
@@ -557,8 +557,9 @@ def _cmd_chat(sub) -> None:
 def _run_chat(a) -> None:
     from lmforge.infer.chat import chat
 
+    params = _sampling_params(a)  # checked before the (slower) model load
     lm, draft, _ = _load_for_generation(a)
-    chat(lm, _sampling_params(a), system=a.system, draft=draft)
+    chat(lm, params, system=a.system, draft=draft)
 
 
 # -------------------------------------------------------------------------------------- evaluate

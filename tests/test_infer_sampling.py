@@ -1,11 +1,15 @@
 """Sampling: processors equal transformers' logits processors, filters never leak, seeds reproduce."""
 
 import math
+import re
 
 import pytest
 import torch
 
 from lmforge.infer.sampling import (
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    MIN_REPETITION_PENALTY,
     Sampler,
     SamplingParams,
     min_p_filter,
@@ -180,6 +184,11 @@ def test_seed_reproduces_and_different_seeds_differ():
         (dict(min_p=-0.1), "min_p"),
         (dict(min_p=1.1), "min_p"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(temperature=100.5), "temperature"),
+        (dict(temperature=math.inf), "temperature"),
+        (dict(repetition_penalty=0.005), "repetition_penalty"),
+        (dict(repetition_penalty=1e4), "repetition_penalty"),
+        (dict(repetition_penalty=math.nan), "repetition_penalty"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(num_samples=0), "num_samples"),
     ],
@@ -187,3 +196,48 @@ def test_seed_reproduces_and_different_seeds_differ():
 def test_invalid_values_are_user_errors_naming_the_parameter(kw, name):
     with pytest.raises(UserError, match=name):
         SamplingParams(**kw)
+
+
+# The bounds the sampler and the server's schema share: (field, lowest, highest).
+BOUNDS = [
+    ("temperature", 0.0, MAX_TEMPERATURE),
+    ("repetition_penalty", MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
+]
+
+
+@pytest.mark.parametrize("name,lo,hi", BOUNDS)
+def test_bounds_are_inclusive_and_the_error_gives_the_range(name, lo, hi):
+    for ok in (lo, hi):
+        SamplingParams(**{name: ok})
+    for bad in (hi * 1.01, lo - 0.01, 1e30):
+        with pytest.raises(UserError, match="^" + re.escape(f"{name}={bad!r}: must be in [{lo:g}, {hi:g}]")):
+            SamplingParams(**{name: bad})
+
+
+@pytest.mark.parametrize("name,lo,hi", BOUNDS)
+def test_server_schema_takes_the_same_bounds(name, lo, hi):
+    from pydantic import ValidationError
+
+    from lmforge.serve.schema import ChatCompletionRequest, CompletionRequest
+
+    for ok in (lo, hi):
+        CompletionRequest(prompt="x", **{name: ok})
+    for bad in (hi * 1.01, lo - 0.01):
+        with pytest.raises(ValidationError, match=name):
+            ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], **{name: bad})
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "--prompt", "x", "--temperature", "1000"], "temperature=1000.0: must be in [0, 100]"),
+        (["chat", "--repetition-penalty", "0.001"], "repetition_penalty=0.001: must be in [0.01, 100]"),
+    ],
+)
+def test_cli_refuses_out_of_range_sampling_before_loading(argv, message, tmp_path, capsys):
+    from lmforge.cli import main
+
+    # the checkpoint does not exist: the sampling error comes first, without loading a model
+    assert main([argv[0], str(tmp_path / "no-such-checkpoint"), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no-such-checkpoint" not in err, err

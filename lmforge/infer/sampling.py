@@ -20,6 +20,11 @@ import torch
 
 from lmforge.utils import UserError
 
+# Bounds that the server's request schema (serve/schema.py) shares: they keep every value finite in the
+# sampler's float32 per-row tensors, and nothing useful lies beyond them.
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+
 
 @dataclass
 class SamplingParams:
@@ -67,16 +72,19 @@ class SamplingParams:
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an integer >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            bad("temperature", "must be >= 0 (0 means greedy)")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # NaN fails every comparison
+            bad("temperature", f"must be in [0, {MAX_TEMPERATURE:g}] (0 means greedy)")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             bad("top_k", "must be an integer >= 1 (or None for no top-k filtering)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1] (1 means no top-p filtering)")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1] (0 means no min-p filtering)")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be > 0 (1 means no penalty)")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bad(
+                "repetition_penalty",
+                f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] (1 means no penalty)",
+            )
         if not is_int(self.num_samples) or self.num_samples < 1:
             bad("num_samples", "must be an integer >= 1")
         if self.seed is not None and not is_int(self.seed):

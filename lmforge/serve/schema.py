@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmforge.infer.sampling import MAX_REPETITION_PENALTY, MAX_TEMPERATURE, MIN_REPETITION_PENALTY
+
 # JSON allows huge integers; these bounds keep them within what the engine (torch.Generator, token
 # counts) can take, and make the schema say so.
 _MAX_INT = 2**63 - 1
@@ -41,9 +43,9 @@ class _Sampling(_Body):
     model: str | None = Field(
         None, max_length=256, description="a model id from /v1/models (default: the base model)"
     )
-    # Upper bounds keep the values finite in float32 (the sampler's per-row tensors).
+    # The sampler's own bounds (SamplingParams.validate): finite values in its float32 per-row tensors.
     temperature: float | None = Field(
-        None, ge=0, le=100, allow_inf_nan=False, description="0 = greedy (default 1)"
+        None, ge=0, le=MAX_TEMPERATURE, allow_inf_nan=False, description="0 = greedy (default 1)"
     )
     top_p: float | None = Field(
         None, gt=0, le=1, allow_inf_nan=False, description="nucleus sampling (default 1 = off)"
@@ -56,8 +58,8 @@ class _Sampling(_Body):
     )
     repetition_penalty: float | None = Field(
         None,
-        ge=0.01,
-        le=100,
+        ge=MIN_REPETITION_PENALTY,
+        le=MAX_REPETITION_PENALTY,
         allow_inf_nan=False,
         description="CTRL penalty on tokens already seen (1 = off)",
     )
