@@ -38,7 +38,15 @@ def main() -> None:
         "--machine", default=f"{os.cpu_count()}-core CPU ({platform.machine()})", help="machine label"
     )
     ap.add_argument("--date", default=time.strftime("%Y-%m-%d"), help="date label")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a quick check that the script runs (vocabulary 512, the first 100 documents, one copy): no figures",
+    )
     args = ap.parse_args()
+    args.max_docs, args.copies = (100, 1) if args.smoke else (None, 8)
+    if args.smoke:
+        args.vocab = [512]
 
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-data-") as tmp:
         run(args, Path(tmp))
@@ -60,13 +68,15 @@ def run(args, tmp: Path) -> None:
     rows.append(("build python-docs", f"{meta['documents']} documents, {mb:.2f} MB", f"{wall:.2f} s", "—"))
 
     for v in args.vocab:
-        (_, rep), wall, cpu = timed(train_tokenizer_on, "python-docs", v, tmp / f"tok{v}", verbose=False)
+        (_, rep), wall, cpu = timed(
+            train_tokenizer_on, "python-docs", v, tmp / f"tok{v}", max_docs=args.max_docs, verbose=False
+        )
         what = f"{rep['train_bytes'] / 1e6:.2f} MB; {rep['bytes_per_token']:.2f} bytes/token held out"
         rows.append((f"train tokenizer, vocab {v}", what, f"{wall:.2f} s", f"{cpu:.2f} CPU s"))
 
     tok_dir = tmp / f"tok{args.vocab[0]}"
     tok = Tokenizer.load(tok_dir)
-    texts = [doc.text for doc in iter_python_docs()]
+    texts = [doc.text for doc in iter_python_docs()][: args.max_docs]
     tok.encode_batch(texts[:50])  # warm up
     for label, fn in (
         ("encode_batch (Rust threads, all cores)", lambda: tok.encode_batch(texts)),
@@ -79,13 +89,21 @@ def run(args, tmp: Path) -> None:
 
     big = tmp / "pydocs-x8.jsonl"
     with open(big, "w", encoding="utf-8") as f:
-        for k in range(8):
+        for k in range(args.copies):
             for t in texts:
                 f.write(json.dumps({"text": f"[copy {k}]\n{t}"}, ensure_ascii=False) + "\n")
     for spec, label in (("python-docs", "python-docs"), (str(big), "python-docs x8 (JSONL)")):
         for w in (1, 2):
             r, wall, cpu = timed(
-                prepare, spec, tok_dir, tmp / "prep", workers=w, force=True, progress=False, verbose=False
+                prepare,
+                spec,
+                tok_dir,
+                tmp / "prep",
+                workers=w,
+                force=True,
+                progress=False,
+                verbose=False,
+                max_docs=args.max_docs,
             )
             size = sum(s["bytes"] for s in r["splits"].values()) / 1e6
             rss = f"peak RSS {r['peak_rss_mb']:.0f} MB" + (

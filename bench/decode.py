@@ -116,7 +116,14 @@ def main() -> None:
         action="store_true",
         help="also time lmforge's torch.compile'd decode step (minutes more)",
     )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long check that the script runs (debug-size model, fp32, 4 tokens, one round): no figures",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.quick, args.dtypes, args.new_tokens, args.rounds = True, "fp32", 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     n = args.new_tokens or (32 if args.quick else 64)
@@ -125,7 +132,9 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = preset(size="smollm-135m")
+    cfg = (
+        preset(size="debug", vocab_size=49152, max_seq_len=2048) if args.smoke else preset(size="smollm-135m")
+    )
     tmp = tempfile.TemporaryDirectory()
     save_model(build(cfg), tmp.name)
     load0 = os.getloadavg()[0]

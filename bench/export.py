@@ -48,7 +48,15 @@ def main() -> None:
     ap.add_argument("--size", default="small", help="preset size of the llama model (default: small)")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     ap.add_argument("--new", type=int, default=32, help="generated tokens")
+    ap.add_argument("--iters", type=int, default=5, help="timed runs per runtime (median reported)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a quick check that the script runs (debug size, 8 + 4 tokens, one timed run): no figures",
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.size, a.prompt, a.new, a.iters = "debug", 8, 4, 1
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-export-") as tmp:
         run(a, Path(tmp))
 
@@ -110,10 +118,10 @@ def run(a, d: Path) -> None:
         print("\n(llama_cpp not installed: no llama.cpp row)")
     same = {k: f() for k, f in fns.items()}
     ref = same["lmforge generate (PyTorch, KV cache)"]
-    times = compare(fns, warmup=1, iters=5)
+    times = compare(fns, warmup=1, iters=a.iters)
     print(
         f"\nGreedy generation, prompt {a.prompt} + {a.new} new tokens, batch 1, "
-        f"{torch.get_num_threads()} threads; median of 5 runs, timed in alternation.\n"
+        f"{torch.get_num_threads()} threads; median of {a.iters} runs, timed in alternation.\n"
     )
     cpu = {k: timed(f)[2] for k, f in fns.items()}  # CPU seconds of one more call (all threads)
     print("| runtime | seconds per call | tokens/s (new) | CPU s per call | same tokens as lmforge |")

@@ -30,12 +30,22 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32 and/or bf16 (autocast)")
     ap.add_argument("--iters", type=int, default=3, help="timed iterations (median reported)")
+    ap.add_argument(
+        "--size", default="smollm-135m", help="model shape: smollm-135m or a preset size (debug, tiny, ...)"
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long check that the script runs (debug size, batch 1 x 32, one iteration): no figures",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.size, args.batch, args.seq, args.iters = "debug", 1, 32, 1
 
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = preset(size="smollm-135m")
+    cfg = preset(size=args.size)
     ours = build(cfg)
     with tempfile.TemporaryDirectory() as d:
         save_model(ours, d)
@@ -44,7 +54,7 @@ def main() -> None:
     ntok = args.batch * args.seq
     print(f"machine: {machine()}  torch {torch.__version__}")
     print(
-        f"model: SmolLM-135M shape ({cfg.n_params() / 1e6:.1f}M params), batch {args.batch} x {args.seq} tokens"
+        f"model: llama {args.size} shape ({cfg.n_params() / 1e6:.1f}M params), batch {args.batch} x {args.seq} tokens"
     )
     with torch.no_grad():
         ours.eval(), hf.eval()

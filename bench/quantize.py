@@ -160,7 +160,7 @@ def part3(args) -> dict:
     from lmforge.model import build
 
     torch.manual_seed(0)
-    cfg = preset(size="smollm-135m")
+    cfg = preset(size="debug") if args.smoke else preset(size="smollm-135m")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_model(build(cfg), tmp / "fp32")
@@ -207,7 +207,15 @@ def main() -> None:
     )
     ap.add_argument("--smollm-tokens", type=int, default=24, help="part 3: tokens decoded per timing")
     ap.add_argument("--out", default=None, help="directory for the variants and results.json (default: temp)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long check that the script runs (500 tokens, 4-token decodes, one round, a debug-size "
+        "model for part 3): no figures",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.eval_tokens, args.new_tokens, args.smollm_tokens, args.rounds = 500, 4, 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="lmforge-bench-quantize-"))

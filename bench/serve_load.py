@@ -245,6 +245,11 @@ def main() -> None:
     )
     ap.add_argument("--max-seconds", type=float, default=300, help="stop sending in a level after this long")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument(
+        "--log",
+        default=str(ROOT / "runs/bench-serve.log"),
+        help="the started server's output (default: %(default)s)",
+    )
     a = ap.parse_args()
     levels = [int(c) for c in a.clients.split(",") if c.strip()]
     if a.rounds * sum(levels) > 1000:
@@ -257,7 +262,7 @@ def main() -> None:
             if a.checkpoint:
                 sys.exit(f"{ckpt}: not a checkpoint")
             ckpt = tiny_checkpoint(ROOT / "runs/bench-serve-tiny")
-        log = ROOT / "runs/bench-serve.log"
+        log = Path(a.log)
         log.parent.mkdir(parents=True, exist_ok=True)
         proc, url = start_server(ckpt, a.max_batch, a.threads, log)
         model_desc = f"{ckpt} (--max-batch {a.max_batch}, {a.threads} torch thread(s))"
