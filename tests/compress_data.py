@@ -1,13 +1,14 @@
 """Shared fixture of the compression tests: a small model trained on the test corpus (train_data.py).
 
 It is the teacher of the distillation test and the model the quantization and pruning tests compress,
-so that quality changes are measured on weights that learned something.
+so that quality changes are measured on weights that learned something. `debug_model` is the untrained
+model of the unit tests.
 """
 
 from __future__ import annotations
 
 import pytest
-from train_data import corpus, make_config  # noqa: F401
+from train_data import corpus, make_config, single_threaded  # noqa: F401
 
 TEACHER = {
     "model.d_model": 128,
@@ -28,15 +29,22 @@ TEACHER = {
 @pytest.fixture(scope="session")
 def trained(corpus, tmp_path_factory):  # noqa: F811
     """final/ of a llama (d_model 128, 2 layers) trained for 150 steps: ~4.4 nats/token on validation."""
-    import torch
-
     from lmforge.train import train
 
     root = tmp_path_factory.mktemp("compress")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         train(make_config(corpus, root, "teacher", **TEACHER))
-    finally:
-        torch.set_num_threads(n)
     return root / "teacher" / "final"
+
+
+def debug_model(family: str, seed: int = 0, **over):
+    """A randomly initialised debug-size model of `family` in eval mode; `over` changes its config."""
+    import torch
+
+    from lmforge.config import preset
+    from lmforge.model import build
+
+    torch.manual_seed(seed)
+    m = build(preset(family, "debug", **over))
+    m.init_weights(seed)
+    return m.eval()

@@ -1,4 +1,5 @@
-"""Shared by the serving tests: a tiny checkpoint (+ a LoRA adapter of it) and a real server subprocess.
+"""Shared by the serving tests: a tiny checkpoint (+ a LoRA adapter of it), the model loaded in-process,
+a real server subprocess, and the checks of the API's error shape.
 
 The checkpoint is a debug-size llama with a 512-token BPE trained here, written once per test session
 under pytest's session temp directory; `Server` runs `python -m lmforge serve` on a free 127.0.0.1 port
@@ -7,16 +8,15 @@ and waits for /health.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from train_data import cli_env, lmforge_cmd
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = [
@@ -75,6 +75,17 @@ def serve_ckpt_short(tmp_path_factory) -> tuple[Path, Path]:
     return build_checkpoint(tmp_path_factory.getbasetemp() / "serve_ckpt_64", max_seq_len=64)
 
 
+@pytest.fixture(scope="module")
+def lm(serve_ckpt):
+    """The serve_ckpt model loaded in-process on CPU (one thread): what the server should answer."""
+    import torch
+
+    import lmforge
+
+    torch.set_num_threads(1)
+    return lmforge.load(serve_ckpt[0], device="cpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -88,24 +99,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "lmforge",
-            "serve",
-            str(ckpt),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--device",
-            "cpu",
-            "--log-level",
-            "warning",
-            *args,
-        ]
+        cmd = lmforge_cmd("serve", ckpt, "--host", "127.0.0.1", "--port", self.port, "--device", "cpu")
+        cmd += ["--log-level", "warning", *args]
         # One thread: tiny models are faster so, and the tests share two cores with the server.
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        full_env = cli_env()
         full_env.pop("LMFORGE_API_KEY", None)  # only the key a test asks for
         full_env.update(env or {})
         self._log = open(self.log_path, "w")
@@ -146,6 +143,28 @@ class Server:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def adapter_server(serve_ckpt: tuple[Path, Path], key: str, *args: str, log_dir: Path) -> Server:
+    """A Server of serve_ckpt's model with its LoRA adapter as model "ft", 4 rows, requiring `key`."""
+    ckpt, adapter = serve_ckpt
+    return Server(
+        ckpt, "--api-key", key, "--lora", f"ft={adapter}", "--max-batch", "4", *args, log_dir=log_dir
+    )
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = "unset", in_message: tuple = ()) -> dict:
+    """The response is `status` with an OpenAI-shaped error body (naming `param` unless "unset", with each
+    of `in_message` in its message); returns the error object."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    if param != "unset":
+        assert err["param"] == param, err
+    for s in in_message:
+        assert s in err["message"], err
+    return err
 
 
 def metric(text: str, name: str, **labels: str) -> float:

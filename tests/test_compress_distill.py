@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from compress_data import trained  # noqa: F401
-from train_data import cli_env, corpus, make_config  # noqa: F401
+from compress_data import debug_model, trained  # noqa: F401
+from train_data import corpus, make_config, run_lmforge, single_threaded  # noqa: F401
 
 from lmforge.compress.distill import distill, distillation_loss
 from lmforge.utils import UserError
@@ -52,53 +50,15 @@ def test_distillation_loss_formula():
 def test_distilled_student_beats_the_same_student_on_data_alone(trained, corpus, tmp_path):  # noqa: F811
     from lmforge.train import train
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_threaded():
         plain = train(make_config(corpus, tmp_path, "plain", **STUDENT))
-    finally:
-        torch.set_num_threads(n)
     # the same student, seed, data order and steps, distilled through the CLI (the training loop)
-    opts = [f"--{k}={v}" for k, v in STUDENT.items()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmforge",
-        "distill",
-        "--teacher",
-        str(trained),
-        "--student",
-        "llama:debug",
-        "--data",
-        str(corpus["data"]),
-        "--alpha",
-        "0.9",
-        "--temperature",
-        "1",
-        "--no-eval",
-        "--name",
-        "kd",
-        "--out_dir",
-        str(tmp_path),
-        "--seed",
-        "0",
-        "--device",
-        "cpu",
-        "--dtype",
-        "fp32",
-        "--model.max_seq_len",
-        "64",
-        "--data.seq_len",
-        "64",
-        "--log.progress",
-        "false",
-        "--log.tensorboard",
-        "false",
-        "--eval.samples",
-        "0",
-        *opts,
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    args = ["distill", "--teacher", trained, "--student", "llama:debug", "--data", corpus["data"]]
+    args += ["--alpha", 0.9, "--temperature", 1, "--no-eval", "--name", "kd", "--out_dir", tmp_path]
+    args += ["--seed", 0, "--device", "cpu", "--dtype", "fp32", "--eval.samples", 0]
+    args += ["--model.max_seq_len", 64, "--data.seq_len", 64, "--log.progress", "false"]
+    args += ["--log.tensorboard", "false"]
+    r = run_lmforge(*args, *(f"--{k}={v}" for k, v in STUDENT.items()))
     assert r.returncode == 0, r.stderr + r.stdout
     recs = [json.loads(x) for x in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     kd = [x["val_loss"] for x in recs if "val_loss" in x][-1]
@@ -109,13 +69,10 @@ def test_distilled_student_beats_the_same_student_on_data_alone(trained, corpus,
 
 def test_distill_refuses_a_different_tokenizer(trained, corpus, tmp_path):  # noqa: F811
     from lmforge.checkpoint import save_model
-    from lmforge.config import preset
     from lmforge.data.prepare import prepare
-    from lmforge.model import build
     from lmforge.tokenizer import train_tokenizer
 
-    other = build(preset("llama", "debug", vocab_size=1000))
-    save_model(other, tmp_path / "other")
+    save_model(debug_model("llama", vocab_size=1000), tmp_path / "other")
     with pytest.raises(UserError, match="do not share the tokenizer"):
         distill(trained, str(tmp_path / "other"), corpus["data"], overrides={"out_dir": str(tmp_path)})
     texts = ["def f(x):\n    return x * 2\n" * 20, "class A:\n    pass\n" * 30]

@@ -4,35 +4,18 @@ same logits, recovery fine-tuning that lowers the loss and keeps the zeros, and 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from compress_data import trained  # noqa: F401
-from train_data import cli_env, corpus  # noqa: F401
+from compress_data import debug_model, trained  # noqa: F401
+from train_data import corpus, one_thread, run_lmforge  # noqa: F401
 
 import lmforge
 from lmforge.checkpoint import load_model, save_model
 from lmforge.compress.prune import prune, prune_model, sparsity_of
-from lmforge.config import preset
-from lmforge.model import build
 from lmforge.utils import UserError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _model(family, seed=0, **over):
-    torch.manual_seed(seed)
-    m = build(preset(family, "debug", **over))
-    m.init_weights(seed)
-    return m.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibration(cfg, n=4, seed=0):
@@ -47,7 +30,7 @@ def _linears(model):
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_unstructured_sparsity_is_exact(method):
-    m = _model("llama")
+    m = debug_model("llama")
     before = [lin.weight.clone() for lin in _linears(m)]
     cal = _calibration(m.config) if method == "wanda" else None
     m, info = prune_model(m, method, 0.3, "unstructured", cal, log=lambda *a: None)
@@ -69,7 +52,7 @@ def test_unstructured_sparsity_is_exact(method):
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_two_four_pattern(method):
-    m = _model("gpt2")
+    m = debug_model("gpt2")
     cal = _calibration(m.config) if method == "wanda" else None
     m, info = prune_model(m, method, 0.5, "2:4", cal, log=lambda *a: None)
     for lin in _linears(m):
@@ -92,7 +75,7 @@ def test_two_four_pattern(method):
 def test_structured_pruning_loads_in_transformers(family, structure, method, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    m = _model(family, max_seq_len=64)
+    m = debug_model(family, max_seq_len=64)
     cfg = m.config
     new, info = prune_model(
         m, method, 0.5, structure, _calibration(cfg) if method == "wanda" else None, log=lambda *a: None
@@ -120,11 +103,11 @@ def test_structured_pruning_loads_in_transformers(family, structure, method, tmp
 
 def test_structured_pruning_refuses_what_the_family_cannot_express():
     with pytest.raises(UserError, match="head size"):
-        prune_model(_model("gpt2"), "magnitude", 0.5, "heads", log=lambda *a: None)
+        prune_model(debug_model("gpt2"), "magnitude", 0.5, "heads", log=lambda *a: None)
     with pytest.raises(UserError, match="larger sparsity"):
-        prune_model(_model("llama"), "magnitude", 0.1, "heads", log=lambda *a: None)
+        prune_model(debug_model("llama"), "magnitude", 0.1, "heads", log=lambda *a: None)
     with pytest.raises(UserError, match="calibration"):
-        prune_model(_model("llama"), "wanda", 0.5, "unstructured", None, log=lambda *a: None)
+        prune_model(debug_model("llama"), "wanda", 0.5, "unstructured", None, log=lambda *a: None)
 
 
 def test_recovery_lowers_the_loss_and_keeps_the_zeros(trained, corpus, tmp_path):  # noqa: F811
@@ -155,30 +138,10 @@ def test_recovery_lowers_the_loss_and_keeps_the_zeros(trained, corpus, tmp_path)
 
 def test_prune_cli_ffn(trained, corpus, tmp_path):  # noqa: F811
     out = tmp_path / "ffn"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmforge",
-        "prune",
-        str(trained),
-        "--method",
-        "wanda",
-        "--structure",
-        "ffn",
-        "--sparsity",
-        "0.5",
-        "--calibration-data",
-        str(corpus["data"]),
-        "--calibration-samples",
-        "8",
-        "--eval-data",
-        str(corpus["data"]),
-        "--eval-tokens",
-        "1000",
-        "--out",
-        str(out),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    args = ["prune", trained, "--method", "wanda", "--structure", "ffn", "--sparsity", 0.5, "--out", out]
+    args += ["--calibration-data", corpus["data"], "--calibration-samples", 8]
+    args += ["--eval-data", corpus["data"], "--eval-tokens", 1000]
+    r = run_lmforge(*args)
     assert r.returncode == 0, r.stderr
     assert "removed 192 of 384 FFN channels" in r.stdout and "bits per byte" in r.stdout
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 192

@@ -4,45 +4,28 @@ running through lmforge.load, generate, evaluate, report and the CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from compress_data import trained  # noqa: F401
+from compress_data import debug_model, trained  # noqa: F401
 from safetensors import safe_open
-from train_data import cli_env, corpus  # noqa: F401
+from train_data import corpus, one_thread, run_lmforge  # noqa: F401
 
 import lmforge
 from lmforge.checkpoint import load_model, save_model
 from lmforge.compress.qlinear import QuantEmbedding, QuantLinear, unpack_int4
 from lmforge.compress.quantize import gptq, quantization_error, quantize_model
-from lmforge.config import preset
-from lmforge.model import build
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _model(family, seed=0):
-    torch.manual_seed(seed)
-    m = build(preset(family, "debug"))
-    m.init_weights(seed)
-    return m.eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma", "mixtral"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @torch.no_grad()
 def test_error_bound_and_exact_reload(family, method, tmp_path):
-    ref = _model(family)
-    q = quantize_model(_model(family), method, 32, log=lambda *a: None)
+    ref = debug_model(family)
+    q = quantize_model(debug_model(family), method, 32, log=lambda *a: None)
     # every stored weight is within half a quantization step of the original (per channel / per group)
     errs = quantization_error(q, ref)
     assert len(errs) == 4 * ref.config.n_layers - (2 * ref.config.n_layers if ref.config.n_experts else 0) + (
@@ -150,30 +133,10 @@ def test_quantized_checkpoint_loads_generates_and_evaluates(trained, corpus, tmp
 
 def test_quantize_cli_with_gptq_and_report(trained, corpus, tmp_path):  # noqa: F811
     out = tmp_path / "gptq"
-    cmd = [
-        sys.executable,
-        "-m",
-        "lmforge",
-        "quantize",
-        str(trained),
-        "--method",
-        "int4",
-        "--group-size",
-        "32",
-        "--calibration-data",
-        str(corpus["data"]),
-        "--calibration-samples",
-        "16",
-        "--calibration-seq-len",
-        "64",
-        "--eval-data",
-        str(corpus["data"]),
-        "--eval-tokens",
-        "1000",
-        "--out",
-        str(out),
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), timeout=300)
+    args = ["quantize", trained, "--method", "int4", "--group-size", 32, "--out", out]
+    args += ["--calibration-data", corpus["data"], "--calibration-samples", 16, "--calibration-seq-len", 64]
+    args += ["--eval-data", corpus["data"], "--eval-tokens", 1000]
+    r = run_lmforge(*args)
     assert r.returncode == 0, r.stderr
     assert "GPTQ" in r.stdout and "bits per byte" in r.stdout and "decode tok/s" in r.stdout
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -212,16 +175,10 @@ def test_cuda_kernels_match_dequantized_weights(bits):
 
 
 def test_export_of_a_quantized_checkpoint_is_a_clear_error(tmp_path):
-    import lmforge
-    from lmforge.checkpoint import save_model
-    from lmforge.compress.quantize import quantize_model
-    from lmforge.config import preset
     from lmforge.export import export
-    from lmforge.model import build
     from lmforge.utils import UserError
 
-    model = build(preset("llama", "debug"))
-    save_model(quantize_model(model, "int8"), tmp_path / "q")
+    save_model(quantize_model(debug_model("llama"), "int8"), tmp_path / "q")
     assert lmforge.load(tmp_path / "q", device="cpu").config.extra.get("quantization_config")
     with pytest.raises(UserError, match="quantized checkpoint"):
         export(tmp_path / "q", "gguf", out=tmp_path / "m.gguf")

@@ -9,10 +9,8 @@ import json
 import httpx
 import openai
 import pytest
-import torch
-from serve_helpers import Server, metric, serve_ckpt  # noqa: F401
+from serve_helpers import adapter_server, assert_error, lm, metric, serve_ckpt  # noqa: F401
 
-import lmforge
 from lmforge.lm import LM
 from lmforge.train.lora import load_lora_model
 
@@ -23,22 +21,8 @@ CHAT = [{"role": "user", "content": "How does continuous batching work?"}]
 
 @pytest.fixture(scope="module")
 def server(serve_ckpt, tmp_path_factory):  # noqa: F811
-    ckpt, adapter = serve_ckpt
     log_dir = tmp_path_factory.mktemp("serve_api")
-    with Server(
-        ckpt,
-        "--api-key",
-        KEY,
-        "--lora",
-        f"ft={adapter}",
-        "--max-batch",
-        "4",
-        "--max-queue",
-        "2",
-        "--model-name",
-        "base",
-        log_dir=log_dir,
-    ) as s:
+    with adapter_server(serve_ckpt, KEY, "--max-queue", "2", "--model-name", "base", log_dir=log_dir) as s:
         yield s
 
 
@@ -47,30 +31,10 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def lm(serve_ckpt):  # noqa: F811
-    torch.set_num_threads(1)
-    return lmforge.load(serve_ckpt[0], device="cpu")
-
-
 def _http(server, key=KEY) -> httpx.Client:
     return httpx.Client(
         base_url=server.url, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=60
     )
-
-
-def _assert_error(
-    r: httpx.Response, status: int, param: str | None = "unset", in_message: tuple = ()
-) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    if param != "unset":
-        assert err["param"] == param, err
-    for s in in_message:
-        assert s in err["message"], err
-    return err
 
 
 def test_models(client, serve_ckpt):  # noqa: F811
@@ -80,7 +44,7 @@ def test_models(client, serve_ckpt):  # noqa: F811
     assert ids["base"].model_extra["max_model_len"] == 256
 
 
-def test_completion_greedy_equals_generate(client, lm):
+def test_completion_greedy_equals_generate(client, lm):  # noqa: F811
     want = lm.generate(PROMPT, max_new_tokens=24, temperature=0)
     r = client.completions.create(model="base", prompt=PROMPT, max_tokens=24, temperature=0)
     assert r.choices[0].text == want
@@ -91,7 +55,7 @@ def test_completion_greedy_equals_generate(client, lm):
     assert "".join(c.choices[0].text for c in stream if c.choices) == want
 
 
-def test_chat_greedy_equals_generate_without_double_bos(client, lm, server):
+def test_chat_greedy_equals_generate_without_double_bos(client, lm, server):  # noqa: F811
     tok = lm.tokenizer
     ids = tok.encode_chat(CHAT, add_generation_prompt=True)
     assert ids[0] == tok.bos_id and ids[1] != tok.bos_id
@@ -108,7 +72,7 @@ def test_chat_greedy_equals_generate_without_double_bos(client, lm, server):
     assert t["tokens"] == ids and t["count"] == len(ids)
 
 
-def test_chat_stream_shape(client, lm, server):
+def test_chat_stream_shape(client, lm, server):  # noqa: F811
     """Role first, content deltas, a finish_reason chunk, the usage chunk, then [DONE]."""
     body = {
         "model": "base",
@@ -227,15 +191,15 @@ def test_lora_model(client, serve_ckpt, lm):  # noqa: F811
     assert r.choices[0].text == want and r.model == "ft"
 
 
-def test_tokenize_detokenize(server, lm):
+def test_tokenize_detokenize(server, lm):  # noqa: F811
     with _http(server) as h:
         t = h.post("/tokenize", json={"prompt": "Hello world"}).json()
         assert t["tokens"] == lm.tokenizer.encode("Hello world", bos=True) and t["max_model_len"] == 256
         t2 = h.post("/tokenize", json={"prompt": "Hello world", "add_special_tokens": False}).json()
         assert t2["tokens"] == t["tokens"][1:]
         assert h.post("/detokenize", json={"tokens": t2["tokens"]}).json() == {"prompt": "Hello world"}
-        _assert_error(h.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
-        _assert_error(h.post("/tokenize", json={}), 400, "prompt")
+        assert_error(h.post("/detokenize", json={"tokens": [10**6]}), 400, "tokens")
+        assert_error(h.post("/tokenize", json={}), 400, "prompt")
 
 
 def test_auth(server):
@@ -244,13 +208,13 @@ def test_auth(server):
         assert h.get("/").status_code == 200 and "<html" in h.get("/").text
         assert h.get("/static/app.js").status_code == 200
         for path in ("/v1/models", "/metrics", "/openapi.json"):
-            _assert_error(h.get(path), 401)
-        err = _assert_error(h.post("/v1/completions", json={"prompt": "x"}), 401)
+            assert_error(h.get(path), 401)
+        err = assert_error(h.post("/v1/completions", json={"prompt": "x"}), 401)
         assert err["type"] == "authentication_error"
     with _http(server, key="sk-wrong") as h:
-        _assert_error(h.post("/v1/chat/completions", json={"messages": CHAT}), 401, in_message=("invalid",))
+        assert_error(h.post("/v1/chat/completions", json={"messages": CHAT}), 401, in_message=("invalid",))
     with httpx.Client(base_url=server.url, headers={"Authorization": KEY}) as h:  # no "Bearer"
-        _assert_error(h.get("/v1/models"), 401)
+        assert_error(h.get("/v1/models"), 401)
 
 
 def test_errors(server):
@@ -271,7 +235,7 @@ def test_errors(server):
             ({}, "prompt"),
         ]
         for body, param in bad:
-            _assert_error(h.post("/v1/completions", json=body), 400, param)
+            assert_error(h.post("/v1/completions", json=body), 400, param)
         chat_bad = [
             ({"messages": []}, "messages"),
             ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -279,20 +243,20 @@ def test_errors(server):
             ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
         ]
         for body, param in chat_bad:
-            _assert_error(h.post("/v1/chat/completions", json=body), 400, param)
-        _assert_error(
+            assert_error(h.post("/v1/chat/completions", json=body), 400, param)
+        assert_error(
             h.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
             400,
             None,
             ("JSON",),
         )
-        _assert_error(h.post("/v1/completions", json=[1, 2]), 400, None)
+        assert_error(h.post("/v1/completions", json=[1, 2]), 400, None)
         # too long for the context: both numbers, never truncated
         long = "word " * 400
         n = len(h.post("/tokenize", json={"prompt": long}).json()["tokens"])
-        err = _assert_error(h.post("/v1/completions", json={"prompt": long}), 400, "prompt", (str(n), "256"))
+        err = assert_error(h.post("/v1/completions", json={"prompt": long}), 400, "prompt", (str(n), "256"))
         assert err["code"] == "context_length_exceeded"
-        _assert_error(
+        assert_error(
             h.post("/v1/completions", json={"prompt": "x", "max_tokens": 255}),
             400,
             "max_tokens",
@@ -300,15 +264,15 @@ def test_errors(server):
         )
         msgs = [{"role": "user", "content": long}]
         n_chat = h.post("/tokenize", json={"messages": msgs}).json()["count"]
-        _assert_error(
+        assert_error(
             h.post("/v1/chat/completions", json={"messages": msgs}), 400, "messages", (str(n_chat), "256")
         )
         # unknown model and route
-        err = _assert_error(h.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 404, "model")
+        err = assert_error(h.post("/v1/completions", json={"prompt": "x", "model": "gpt-4"}), 404, "model")
         assert err["code"] == "model_not_found"
-        _assert_error(h.get("/v1/models/gpt-4"), 404)
-        _assert_error(h.get("/v2/nothing"), 404)
-        _assert_error(h.delete("/v1/completions"), 405)
+        assert_error(h.get("/v1/models/gpt-4"), 404)
+        assert_error(h.get("/v2/nothing"), 404)
+        assert_error(h.delete("/v1/completions"), 405)
 
 
 def test_queue_full_is_429(server):
@@ -327,7 +291,7 @@ def test_queue_full_is_429(server):
     rs = asyncio.run(burst())
     codes = sorted(r.status_code for r in rs)
     assert set(codes) <= {200, 429} and codes.count(200) >= 6 and 429 in codes, codes
-    err = _assert_error(next(r for r in rs if r.status_code == 429), 429)
+    err = assert_error(next(r for r in rs if r.status_code == 429), 429)
     assert err["code"] == "queue_full"
     assert next(r for r in rs if r.status_code == 429).headers["retry-after"] == "1"
     assert all(r.json()["usage"]["completion_tokens"] == 250 for r in rs if r.status_code == 200)
@@ -359,7 +323,7 @@ def test_health_and_metrics(server, client):
     assert metric(text, "lmforge_requests_running") == 0 and metric(text, "lmforge_requests_waiting") == 0
 
 
-def test_chat_content_parts_and_developer_role(client, lm):
+def test_chat_content_parts_and_developer_role(client, lm):  # noqa: F811
     msgs = [
         {"role": "developer", "content": "Be brief."},
         {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from serve_helpers import serve_ckpt  # noqa: F401
+from serve_helpers import assert_error, serve_ckpt  # noqa: F401
 
 from lmforge.serve import create_app, load_models
 
@@ -17,21 +17,14 @@ def models(serve_ckpt):  # noqa: F811
     return load_models(serve_ckpt[0], device="cpu", max_batch=2, model_name="m")
 
 
-def _error(r, status):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
-
-
 def test_health_follows_the_engine_loop(models):
     app = create_app(models)
     with TestClient(app) as c:
         assert c.get("/health").json()["status"] == "ok"
         app.state.lmforge.scheduler.stop(timeout=5)  # the engine loop is gone
-        err = _error(c.get("/health"), 503)
+        err = assert_error(c.get("/health"), 503)
         assert "engine loop" in err["message"]
-        _error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503)
+        assert_error(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}), 503)
 
 
 def test_engine_bug_is_a_500_and_the_server_goes_on(models, monkeypatch):
@@ -49,7 +42,7 @@ def test_engine_bug_is_a_500_and_the_server_goes_on(models, monkeypatch):
     monkeypatch.setattr(type(engine), "step", flaky)
     body = {"prompt": "Hello", "max_tokens": 10, "ignore_eos": True}
     with TestClient(app) as c:
-        err = _error(c.post("/v1/completions", json=body), 500)
+        err = assert_error(c.post("/v1/completions", json=body), 500)
         assert err["type"] == "server_error" and "boom" in err["message"]
         # the engine was emptied and keeps serving
         r = c.post("/v1/completions", json={**body, "max_tokens": 5})
@@ -75,10 +68,10 @@ def test_cors_body_limit_and_schema(models):
         )
         assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://example.com"
         r = c.get("/v1/models", headers={"Origin": "http://example.com"})
-        _error(r, 401)
+        assert_error(r, 401)
         assert r.headers["access-control-allow-origin"] == "http://example.com"  # the page can read the 401
         big = {"prompt": "x" * 2000}
-        err = _error(c.post("/v1/completions", json=big, headers={"Authorization": "Bearer k"}), 413)
+        err = assert_error(c.post("/v1/completions", json=big, headers={"Authorization": "Bearer k"}), 413)
         assert err["code"] == "request_too_large"
         schema = c.get("/openapi.json", headers={"Authorization": "Bearer k"}).json()
         ops = [op for path in schema["paths"].values() for op in path.values()]

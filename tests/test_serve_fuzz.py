@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from serve_helpers import Server, serve_ckpt_short  # noqa: F401
+from serve_helpers import adapter_server, serve_ckpt_short  # noqa: F401
 
 KEY = "sk-fuzz"
 
@@ -26,19 +26,7 @@ def test_schema_fuzzing_finds_no_server_error(serve_ckpt_short, tmp_path):  # no
     st = _st()
     if st is None:
         pytest.skip("schemathesis is not installed (pip install schemathesis)")
-    ckpt, adapter = serve_ckpt_short
-    with Server(
-        ckpt,
-        "--api-key",
-        KEY,
-        "--lora",
-        f"ft={adapter}",
-        "--max-batch",
-        "4",
-        "--max-queue",
-        "64",
-        log_dir=tmp_path,
-    ) as server:
+    with adapter_server(serve_ckpt_short, KEY, "--max-queue", "64", log_dir=tmp_path) as server:
         cmd = [
             *st,
             "run",

@@ -6,18 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-import torch
-from serve_helpers import serve_ckpt  # noqa: F401
+from serve_helpers import lm, serve_ckpt  # noqa: F401
 
-import lmforge
 from lmforge.infer import Engine, SamplingParams, Sequence
 from lmforge.serve.scheduler import Event, QueueFull, Request, Scheduler, ServingEngine
-
-
-@pytest.fixture(scope="module")
-def lm(serve_ckpt):  # noqa: F811
-    torch.set_num_threads(1)
-    return lmforge.load(serve_ckpt[0], device="cpu")
 
 
 def _greedy(n: int) -> SamplingParams:
@@ -35,14 +27,14 @@ async def _collect(req: Request, on_event=None) -> list[str]:
     return texts
 
 
-def _solo(lm, ids, n) -> str:
+def _solo(lm, ids, n) -> str:  # noqa: F811
     return lm.tokenizer.decode(
         lm.generate(ids, max_new_tokens=n, temperature=0, ignore_eos=True), skip_special=True
     )
 
 
 @pytest.mark.parametrize("engine_cls", [Engine, ServingEngine])
-def test_requests_join_a_running_batch(lm, engine_cls):
+def test_requests_join_a_running_batch(lm, engine_cls):  # noqa: F811
     """B arrives while A decodes, joins A's batch (B's first token comes before A's last), and each gives
     exactly what it gives alone. D and C start at different times, so D's row idles for longer than the
     context while C runs: positions of empty rows must not run past the context."""
@@ -97,7 +89,7 @@ def test_requests_join_a_running_batch(lm, engine_cls):
     assert c_text == _solo(lm, a_ids, 250) and d_text == _solo(lm, b_ids, 200)
 
 
-def test_cancel_frees_rows_and_queue_bound(lm):
+def test_cancel_frees_rows_and_queue_bound(lm):  # noqa: F811
     tok = lm.tokenizer
     ids = tok.encode("Hello", bos=True)
 
@@ -132,7 +124,7 @@ def test_cancel_frees_rows_and_queue_bound(lm):
     assert cancelled == 2 and text == [_solo(lm, ids, 5)]
 
 
-def test_serving_engine_steps_like_engine(lm):
+def test_serving_engine_steps_like_engine(lm):  # noqa: F811
     """Same adds and steps on Engine and ServingEngine (which decodes only the rows up to the last busy
     one): the same tokens for every sequence, greedy and seeded, as rows finish and others join."""
     tok = lm.tokenizer

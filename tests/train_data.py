@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import sysconfig
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -120,16 +123,35 @@ def cli_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-@pytest.fixture
-def one_thread():
-    """Run in-process training on one thread: the same matmul blocking as the subprocesses (exact
+def lmforge_cmd(*args) -> list[str]:
+    """`python -m lmforge ARGS`; paths and numbers may be passed as they are."""
+    return [sys.executable, "-m", "lmforge", *map(str, args)]
+
+
+def run_lmforge(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`lmforge ARGS` in a subprocess with cli_env(), its output captured as text."""
+    return subprocess.run(lmforge_cmd(*args), capture_output=True, text=True, env=cli_env(), timeout=timeout)
+
+
+@contextmanager
+def single_threaded():
+    """torch on one thread inside the block: the same matmul blocking as the subprocesses (exact
     comparisons), and far faster than two threads when other jobs share the 2-core machine."""
     import torch
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (see single_threaded)."""
+    with single_threaded():
+        yield
 
 
 def base_model(corpus, path: Path, family: str = "llama", seed: int = 0) -> Path:
