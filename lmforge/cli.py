@@ -91,7 +91,7 @@ def _cmd_quickstart(sub) -> None:
         sub,
         "quickstart",
         "build a first model end to end on the embedded python-docs corpus",
-        ["lmforge quickstart", "lmforge quickstart --fresh"],
+        ["lmforge quickstart", "lmforge quickstart --fresh", "lmforge quickstart --steps 20 --no-export"],
     )
     p.add_argument("--out", default="runs/quickstart", help="run directory")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
@@ -109,6 +109,13 @@ def _cmd_quickstart(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size")
     p.add_argument("--seq-len", type=int, default=256, help="training sequence length")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX and GGUF exports")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="train the smallest (debug) model for this many steps instead of filling --minutes: "
+        "the whole pipeline in seconds, to check a setup",
+    )
     _add_device_args(p)
     p.set_defaults(func=_run_quickstart)
 
@@ -124,6 +131,7 @@ def _run_quickstart(a) -> None:
         vocab_size=a.vocab_size,
         seq_len=a.seq_len,
         export=not a.no_export,
+        steps=a.steps,
         device=a.device,
         dtype=a.dtype,
     )

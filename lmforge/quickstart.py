@@ -60,8 +60,10 @@ def quickstart(
     dtype: str | None = None,
     seq_len: int = 256,
     export: bool = True,
+    steps: int | None = None,
 ) -> Path:
-    """Run the whole pipeline; returns the path of the report card."""
+    """Run the whole pipeline; returns the path of the report card. `steps` trains the smallest preset
+    (debug) for that many steps instead of sizing a model for `minutes`: the pipeline in seconds."""
     from lmforge.data.prepare import prepare
     from lmforge.data.tokenize_corpus import train_tokenizer_on
 
@@ -102,7 +104,11 @@ def quickstart(
                 "out_dir": str(out),
                 "device": device,
                 "dtype": dtype or "auto",
-                "time_budget": f"{minutes * 60:.0f}s",
+                **(
+                    {"time_budget": f"{minutes * 60:.0f}s"}
+                    if steps is None
+                    else {"model.size": "debug", "train.max_steps": steps, "eval.batches": 2}
+                ),
                 "model.family": "llama",
                 "data.path": str(data_dir),
                 "data.tokenizer": str(tok_dir),
@@ -130,7 +136,9 @@ def quickstart(
         "pretrain",
         [final / "model.safetensors"],
         pretrain_stage,
-        title=f"pretraining a Llama for about {minutes:g} minutes (sized by lmforge pretrain --time-budget)",
+        title=f"pretraining a Llama for about {minutes:g} minutes (sized by lmforge pretrain --time-budget)"
+        if steps is None
+        else f"pretraining the debug-size Llama for {steps} steps",
     )
 
     def evaluate_stage(path, name):
