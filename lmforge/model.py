@@ -54,6 +54,8 @@ class Norm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if x.dtype == self.weight.dtype == torch.float32 and not self.unit_offset:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same, in one call
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.unit_offset:  # Gemma multiplies in fp32, then casts
             return (y * (1.0 + self.weight.float())).type_as(x)
@@ -82,10 +84,16 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv  # "default"
 
 
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-width tables for apply_rope from the angles' cos/sin (..., hd/2): [cos, cos], [-sin, sin]."""
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + hd/2) of x (B, H, T, hd) by the angles in cos/sin (B, 1, T, hd/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate channel pairs (i, i + hd/2) of x (..., hd) by the angles whose full-width tables
+    (rope_tables) broadcast against x: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], i.e.
+    x * [cos, cos] + [x2, x1] * [-sin, sin]: three ops whatever the number of heads."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
@@ -98,12 +106,14 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.cfg.q_dim, self.cfg.kv_dim, self.cfg.kv_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        H, KV = self.n_heads, self.n_kv
+        qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.hd)  # heads of q, then k, then v
+        qk = qkv[:, :, : H + KV]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)  # q and k heads rotated together: (B, T, H + KV, hd)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, hd)
+        v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
         # static conditions first: a symbolic T (ONNX export) must not be compared unless needed
@@ -312,8 +322,8 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos.expand(B, T))
         else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B or 1, T, hd/2)
-            rope = (cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+            cos, sin = rope_tables(self.rope_cos[pos], self.rope_sin[pos])  # (B or 1, T, hd)
+            rope = (cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype))  # broadcast over heads
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, rope, mask, is_causal, cache)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import preset
-from lmforge.model import MoE, Norm, apply_rope, build, load_balancing_loss, rope_inv_freq
+from lmforge.model import MoE, Norm, apply_rope, build, load_balancing_loss, rope_inv_freq, rope_tables
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def test_rope_is_a_rotation_of_channel_pairs():
     inv = rope_inv_freq(cfg).double()
     pos = torch.arange(6, dtype=torch.float64)
     ang = pos[:, None] * inv[None]  # (T, hd/2)
-    got = apply_rope(x, ang.cos()[None, None], ang.sin()[None, None])
+    got = apply_rope(x, *rope_tables(ang.cos()[None, None], ang.sin()[None, None]))
     z = torch.complex(x[..., : hd // 2], x[..., hd // 2 :]) * torch.polar(torch.ones_like(ang), ang)
     torch.testing.assert_close(got, torch.cat([z.real, z.imag], -1))
     torch.testing.assert_close(
@@ -59,7 +59,7 @@ def test_rope_is_a_rotation_of_channel_pairs():
 
     def rot(v, p):
         a = p * inv
-        return apply_rope(v[None, None, None], a.cos()[None, None, None], a.sin()[None, None, None]).flatten()
+        return apply_rope(v, *rope_tables(a.cos(), a.sin()))
 
     assert torch.allclose(rot(q, 7) @ rot(k, 3), rot(q, 14) @ rot(k, 10))
 
@@ -78,9 +78,7 @@ def _naive_attention(model, layer, x, valid, window):
 
     def rope(vec, p):
         a = p * inv
-        return apply_rope(vec[None, None, None], a.cos()[None, None, None], a.sin()[None, None, None])[
-            0, 0, 0
-        ]
+        return apply_rope(vec, *rope_tables(a.cos(), a.sin()))
 
     for b in range(B):
         pos = (valid[b].long().cumsum(0) - 1).tolist()
@@ -115,7 +113,9 @@ def test_attention_matches_naive_loop(kv_heads, window):
     mask = make_mask(pos, pos.masked_fill(~valid, -1), window, 0)
     inv = rope_inv_freq(cfg)
     ang = pos[..., None] * inv
-    got = model.blocks[0].attn(x, (ang.cos()[:, None], ang.sin()[:, None]), mask, False, None)
+    got = model.blocks[0].attn(
+        x, rope_tables(ang.cos()[:, :, None], ang.sin()[:, :, None]), mask, False, None
+    )
     ref = _naive_attention(model, 0, x, valid, window)
     torch.testing.assert_close(got[valid], ref[valid], atol=1e-5, rtol=1e-4)
 

@@ -52,10 +52,10 @@ def attention_probs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.
             B, T, _ = x.shape
             H, KV, hd = module.n_heads, module.n_kv, module.hd
             q, k, _v = module.wqkv(x).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
-            q = q.view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
-            k = k.view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
-            if rope is not None:
+            q, k = q.view(B, T, H, hd), k.view(B, T, KV, hd)
+            if rope is not None:  # tables (B or 1, T, 1, hd)
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
             k = k.repeat_interleave(H // KV, dim=1)  # GQA: query head h reads key head h // (H / KV)
             scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B, H, T, S)
             if mask is not None:

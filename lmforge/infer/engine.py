@@ -112,8 +112,11 @@ class Engine:
         }
         if compile is None:
             compile = self.device.type == "cuda"
-        if self.device.type == "cpu" and compile:
-            packed.restore(model)  # compiling freezes and packs the weights itself
+        # On CPU, fp32 compiled or not keeps the transposed weight storage (inductor's matmuls read it
+        # as it is); bf16 compiled lets inductor's freezing pack the weights for oneDNN instead.
+        fp32 = model.tok_emb.weight.dtype == torch.float32
+        if self.device.type == "cpu" and compile and not fp32:
+            packed.restore(model)
         elif self.device.type == "cpu" and cpu_pack:
             packed.prepare(model, max_rows=max_batch)
         self._step_fn = None
@@ -129,8 +132,9 @@ class Engine:
                 torch._dynamo.mark_static_address(t)  # cache tensors keep their addresses across replays
             if self.device.type == "cuda":  # CUDA graphs: one replay per step
                 self._step_fn = torch.compile(self._static_logits, mode="reduce-overhead", fullgraph=True)
-            else:  # CPU: weights frozen into the graph (prepacked), C++ wrapper instead of Python glue
-                opts = {"freezing": True, "cpp_wrapper": True}
+            else:  # CPU: the ~60 small ops per layer fused into C++ kernels, called from C++ rather
+                # than Python; minutes to compile the first time (inductor caches it on disk after)
+                opts = {"freezing": not fp32, "cpp_wrapper": True}
                 self._step_fn = torch.compile(self._static_logits, fullgraph=True, options=opts)
 
     # ------------------------------------------------------------------ bookkeeping
