@@ -257,7 +257,9 @@ def main() -> None:
 
     proc, model_desc = None, a.url
     if a.url is None:
-        ckpt = Path(a.checkpoint) if a.checkpoint else ROOT / "runs/quickstart/final"
+        ckpt = (
+            Path(a.checkpoint).resolve() if a.checkpoint else ROOT / "runs/quickstart/final"
+        )  # the server runs in ROOT
         if not (ckpt / "config.json").is_file():
             if a.checkpoint:
                 sys.exit(f"{ckpt}: not a checkpoint")
