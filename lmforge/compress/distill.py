@@ -87,6 +87,20 @@ def student_options(student: str, teacher_cfg) -> dict:
     return {"model.family": family, "model.size": size, "model.vocab_size": teacher_cfg.vocab_size}
 
 
+def _student_name(student: str) -> str:
+    """The run name's part for a student: llama:debug -> llama-debug; a checkpoint directory -> its run's
+    name (runs/small/final and runs/small/checkpoints/step_000100 -> small), as training names runs."""
+    p = Path(student)
+    if not p.is_dir():
+        return student.replace(":", "-")
+    p = p.resolve()
+    if p.name == "final":
+        p = p.parent
+    elif p.name.startswith("step_") and p.parent.name == "checkpoints":
+        p = p.parent.parent
+    return p.name
+
+
 def distill(
     teacher,
     student: str,
@@ -128,10 +142,7 @@ def distill(
                 "distillation compares their predictions token by token, so they must"
             )
     over = {**opts, **(overrides or {})}
-    name = (
-        over.get("name")
-        or f"distill-{Path(student).name if Path(student).is_dir() else student.replace(':', '-')}"
-    )
+    name = over.get("name") or f"distill-{_student_name(student)}"
     over["name"] = name
     run_dir = Path(over.get("out_dir", "runs")) / name
     if data is not None:
