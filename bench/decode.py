@@ -1,16 +1,26 @@
-"""Generation speed: lmforge's engine vs transformers' `generate` on the same weights, same process.
+"""Generation speed: lmforge's engine vs transformers' `generate` and llama.cpp on the same weights.
 
-A SmolLM-135M-shaped Llama (random weights) is saved once and loaded by both. For fp32 and bf16:
-batch-1 prefill tokens/s (a 128-token prompt) and decode tokens/s (greedy, no early stop), each side
-timed as generate(N tokens) - generate(1 token) so that both pay their own setup, alternating the two
-contestants so that other load on the machine hits both alike. Decode streams every weight once per
-step, so the roofline is memory bandwidth (a large tensor sum, measured in this run) / weight bytes;
-the table shows the share of it each side reaches. Then lmforge alone as the context grows
-(128 -> 2048 tokens) and as the batch grows (1 -> 32 rows).
+A SmolLM-135M-shaped Llama (random weights, a small trained tokenizer so that it exports to GGUF) is
+saved once; every precision is one group of contestants on the same weights, in the same process:
 
-    python bench/decode.py            # full run (~5 minutes on 2 cores)
-    python bench/decode.py --quick    # smaller sweeps, fewer tokens (~2 minutes)
-    python bench/decode.py --compile  # also lmforge with torch.compile (compiling takes minutes)
+    precision  lmforge (eager; also compiled with --compile)   transformers   llama.cpp (GGUF)
+    fp32       fp32                                            fp32           f32
+    bf16       bf16                                            bf16           bf16
+    int8       weight-only int8 (lmforge quantize)             bf16           q8_0
+    int4       weight-only int4, group 64                      bf16           -
+
+For each: batch-1 prefill tokens/s (a 128-token prompt) and decode tokens/s (greedy, no early stop),
+each contestant timed as generate(N tokens) - generate(1 token) so that all pay their own setup, the
+contestants alternating so that other load on the machine hits them alike; per wall-clock second and
+per CPU-second of this process (which other load disturbs much less). Decode streams every weight once
+per step, so the roofline is memory bandwidth (a large tensor sum, measured in this run) / the bytes
+of weights each contestant reads per step; the table shows the share of it each one reaches. Then
+lmforge alone as the context grows (128 -> 2048 tokens) and as the batch grows (1 -> 32 rows).
+
+    python bench/decode.py                   # fp32, bf16, int8 (~10 minutes on 2 cores)
+    python bench/decode.py --quick           # fewer tokens and shorter sweeps
+    python bench/decode.py --compile         # also lmforge with torch.compile (minutes to compile)
+    python bench/decode.py --threads 1       # one thread per contestant (a machine shared with others)
 """
 
 from __future__ import annotations
@@ -29,11 +39,20 @@ from common import machine, memory_bandwidth  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.checkpoint import save_model  # noqa: E402
+from lmforge.compress.quantize import quantize  # noqa: E402
 from lmforge.config import preset  # noqa: E402
+from lmforge.export import export  # noqa: E402
 from lmforge.infer import Engine, SamplingParams, Sequence, generate  # noqa: E402
 from lmforge.model import build  # noqa: E402
+from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# precision -> (how lmforge gets it, transformers' dtype, llama.cpp's GGUF type or None)
+PRECISIONS = {
+    "fp32": (dict(dtype="fp32"), torch.float32, "f32"),
+    "bf16": (dict(dtype="bf16"), torch.bfloat16, "bf16"),
+    "int8": (dict(method="int8"), torch.bfloat16, "q8_0"),
+    "int4": (dict(method="int4", group_size=64), torch.bfloat16, None),
+}
 
 
 def _ids(n: int, rows: int = 1, vocab: int = 49152) -> torch.Tensor:
@@ -60,6 +79,27 @@ def _theirs(hf, ids: torch.Tensor, n: int):
     return run
 
 
+def _llama_cpp(llm, ids: torch.Tensor, n: int):
+    prompt = ids[0].tolist()
+    return lambda: llm.greedy(prompt, n)
+
+
+def _compiled_engine(lm, ids: torch.Tensor, n: int):
+    """fns(k) for one Engine with compile=True, reused so that its decode step compiles once."""
+    engine = Engine(lm.model, max_batch=1, max_len=ids.shape[1] + n, compile=True)
+
+    def run(k):
+        def go():
+            params = SamplingParams(max_new_tokens=k, temperature=0, ignore_eos=True)
+            engine.add([Sequence(ids[0].tolist(), params)])
+            while engine.active:
+                engine.step()
+
+        return go
+
+    return run
+
+
 def _speeds(fns: dict, prompt_len: int, rows: int, n: int, rounds: int) -> dict:
     """{name: (prefill tok/s, decode tok/s, decode tok per CPU-second)}: fns[name](k) generates k tokens.
     Contestants alternate; each keeps its best of `rounds` (the run least disturbed by other load).
@@ -80,32 +120,29 @@ def _speeds(fns: dict, prompt_len: int, rows: int, n: int, rounds: int) -> dict:
     }
 
 
-def _compiled(lm, ids: torch.Tensor, n: int, rounds: int):
-    """(compile seconds, decode tok/s, decode tok/CPU-s) of one Engine with compile=True, reused so that
-    its decode step compiles once."""
-    engine = Engine(lm.model, max_batch=1, max_len=ids.shape[1] + n, compile=True)
+def _weight_bytes(model) -> int:
+    """Bytes of the weights a decode step reads: saved tensors, each storage once (tied ones too)."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(seen.values())
 
-    def run(k):
-        def go():
-            engine.add(
-                [Sequence(ids[0].tolist(), SamplingParams(max_new_tokens=k, temperature=0, ignore_eos=True))]
-            )
-            while engine.active:
-                engine.step()
 
-        return go
-
-    t0 = time.perf_counter()
-    run(2)()  # compiles the decode step
-    secs = time.perf_counter() - t0
-    _, d, c = _speeds({"compiled": run}, ids.shape[1], 1, n, rounds)["compiled"]
-    return secs, d, c
+def _variant(src: Path, name: str, d: Path) -> tuple[Path, dict]:
+    """(checkpoint directory, lmforge.load kwargs) of precision `name` made from the fp32 checkpoint."""
+    how = PRECISIONS[name][0]
+    if "method" not in how:
+        return src, {"dtype": how["dtype"]}
+    out = d / name
+    if not out.exists():
+        quantize(src, out, how["method"], how.get("group_size", 64), eval_data=None, log=lambda *a: None)
+    return out, {}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer tokens and shorter sweeps (~2 minutes)")
-    ap.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32 and/or bf16")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and shorter sweeps")
+    ap.add_argument(
+        "--dtypes", default="fp32,bf16,int8", help=f"comma-separated precisions of {list(PRECISIONS)}"
+    )
     ap.add_argument(
         "--new-tokens", type=int, default=None, help="tokens decoded per measurement (default 64)"
     )
@@ -114,7 +151,11 @@ def main() -> None:
     ap.add_argument(
         "--compile",
         action="store_true",
-        help="also time lmforge's torch.compile'd decode step (minutes more)",
+        help="also time lmforge's torch.compile'd decode step (minutes more, to compile)",
+    )
+    ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even if installed")
+    ap.add_argument(
+        "--no-sweeps", action="store_true", help="skip the context and batch sweeps (lmforge alone)"
     )
     ap.add_argument(
         "--smoke",
@@ -124,68 +165,103 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.quick, args.dtypes, args.new_tokens, args.rounds = True, "fp32", 4, 1
+    bad = [d for d in args.dtypes.split(",") if d not in PRECISIONS]
+    if bad:
+        ap.error(f"--dtypes: unknown {bad}; choose from {list(PRECISIONS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     n = args.new_tokens or (32 if args.quick else 64)
     rounds = args.rounds or (2 if args.quick else 3)
+    P = 128  # prompt tokens
 
     from transformers import LlamaForCausalLM
 
+    llama_cpp = None
+    if not args.no_llama_cpp:
+        try:
+            from lmforge.export.llama_cpp import LlamaCpp, LlamaCppUnavailable
+
+            llama_cpp = LlamaCpp
+        except ImportError as e:  # the module itself is missing in an older checkout
+            print(f"(llama.cpp: {e})")
+    text = [f"line {i}: the quick brown fox {i * 7 % 13} jumps over {i % 5} lazy dogs.\n" for i in range(400)]
+    tok = train_tokenizer(text, 1024)  # any tokenizer: GGUF files carry one; the weights are random
     torch.manual_seed(0)
-    cfg = (
-        preset(size="debug", vocab_size=49152, max_seq_len=2048) if args.smoke else preset(size="smollm-135m")
-    )
-    tmp = tempfile.TemporaryDirectory()
-    save_model(build(cfg), tmp.name)
+    size = "debug" if args.smoke else "smollm-135m"
+    over = dict(vocab_size=49152, max_seq_len=2048) if args.smoke else {}
+    cfg = preset(size=size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, **over)
+    tmp = tempfile.TemporaryDirectory(prefix="lmforge-bench-decode-")
+    d = Path(tmp.name)
+    save_model(build(cfg), d / "fp32", tokenizer=tok)
     load0 = os.getloadavg()[0]
     bw = memory_bandwidth()
     print(f"machine: {machine()}, torch {torch.__version__}, load average {load0:.1f}")
-    print(f"model: SmolLM-135M shape, {cfg.n_params() / 1e6:.1f}M parameters, random weights")
+    print(f"model: {size} shape, {cfg.n_params() / 1e6:.1f}M parameters, random weights")
+    print(f"memory bandwidth (sum of a 512 MB tensor, {threads} threads): {bw / 1e9:.1f} GB/s")
+    print(f"batch 1, {P}-token prompt, {n} new tokens (greedy, no early stop), best of {rounds}\n")
     print(
-        f"memory bandwidth (sum of a 512 MB tensor, {torch.get_num_threads()} threads): {bw / 1e9:.1f} GB/s\n"
+        "| precision | runtime | weights MB | prefill tok/s | decode tok/s | decode tok/CPU-s "
+        "| x transformers (CPU-s) | % roofline |"
     )
-
-    prompt = _ids(128)
-    print(
-        "| dtype | prefill tok/s lmforge | transformers | ratio | decode tok/s lmforge | transformers | ratio "
-        "| decode tok/CPU-s lmforge | transformers | ratio | roofline tok/s | lmforge % | transformers % |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    compiled = []
+    print("|---|---|---|---|---|---|---|---|")
+    prompt = _ids(P, vocab=cfg.vocab_size)
+    compile_s = {}
     for name in args.dtypes.split(","):
-        dtype = DTYPES[name]
-        lm = lmforge.load(tmp.name, device="cpu", dtype=dtype)
-        hf = LlamaForCausalLM.from_pretrained(tmp.name, dtype=dtype).eval()
-        fns = {"ours": lambda k, lm=lm: _ours(lm, prompt, k), "hf": lambda k, hf=hf: _theirs(hf, prompt, k)}
-        s = _speeds(fns, 128, 1, n, rounds)
-        weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
-        roof = bw / weight_bytes
-        (po, do, co), (ph, dh, ch) = s["ours"], s["hf"]
-        print(
-            f"| {name} | {po:.0f} | {ph:.0f} | {po / ph:.2f}x | {do:.1f} | {dh:.1f} | {do / dh:.2f}x "
-            f"| {co:.1f} | {ch:.1f} | {co / ch:.2f}x | {roof:.0f} | {do / roof:.0%} | {dh / roof:.0%} |",
-            flush=True,
-        )
-        del hf, fns
+        _, hf_dtype, gguf_type = PRECISIONS[name]
+        path, kw = _variant(d / "fp32", name, d)
+        lm = lmforge.load(path, device="cpu", **kw)
+        hf = LlamaForCausalLM.from_pretrained(d / "fp32", dtype=hf_dtype).eval()
+        hf_name = f"transformers {'bf16' if hf_dtype == torch.bfloat16 else 'fp32'}"
+        fns = {
+            "lmforge": lambda k, lm=lm: _ours(lm, prompt, k),
+            hf_name: lambda k, hf=hf: _theirs(hf, prompt, k),
+        }
+        sizes = {"lmforge": _weight_bytes(lm.model), hf_name: _weight_bytes(hf)}
         if args.compile:
-            compiled.append((name, *_compiled(lm, prompt, n, rounds)))
-    for name, secs, d, c in compiled:
-        print(
-            f"lmforge {name} with torch.compile (freezing, C++ wrapper): compiled in {secs:.0f} s, then "
-            f"decode {d:.1f} tok/s, {c:.1f} tok/CPU-s"
-        )
+            t0 = time.perf_counter()
+            run = _compiled_engine(lmforge.load(path, device="cpu", **kw), prompt, n)
+            run(2)()  # compiles the decode step
+            compile_s[name] = time.perf_counter() - t0
+            fns["lmforge compiled"], sizes["lmforge compiled"] = run, sizes["lmforge"]
+        llm = None
+        if llama_cpp is not None and gguf_type is not None:
+            try:
+                gguf = export(d / "fp32", "gguf", d / f"model-{gguf_type}.gguf", dtype=gguf_type)
+                llm = llama_cpp(gguf, n_ctx=P + n + 8, n_threads=threads)
+                key = f"llama.cpp {gguf_type}"
+                fns[key] = lambda k, llm=llm: _llama_cpp(llm, prompt, k)
+                sizes[key] = gguf.stat().st_size
+            except (LlamaCppUnavailable, RuntimeError) as e:
+                print(f"(llama.cpp {gguf_type}: {e})")
+        s = _speeds(fns, P, 1, n, rounds)
+        ref = s[hf_name][2]
+        for who, (pre, dec, dec_cpu) in s.items():
+            roof = bw / sizes[who]
+            print(
+                f"| {name} | {who} | {sizes[who] / 1e6:.0f} | {pre:.0f} | {dec:.1f} | {dec_cpu:.1f} "
+                f"| {dec_cpu / ref:.2f}x | {dec / roof:.0%} |",
+                flush=True,
+            )
+        if llm is not None:
+            llm.close()
+        del hf, fns
+    for name, secs in compile_s.items():
+        print(f"lmforge compiled ({name}): the decode step compiled in {secs:.0f} s (cached on disk after)")
+    if args.no_sweeps:
+        return
 
-    # lmforge alone: decode speed as the context and the batch grow (last dtype loaded).
+    # lmforge alone: decode speed as the context and the batch grow (last precision loaded).
     contexts = [128, 1024, 2048] if args.quick else [128, 512, 1024, 2048]
     batches = [1, 8, 32] if args.quick else [1, 4, 8, 16, 32]
     for what, values in (("context", contexts), ("batch", batches)):
         rows = []
         for v in values:
-            prompt_len, b = (v - n, 1) if what == "context" else (128, v)
-            ids = _ids(prompt_len, b)
+            prompt_len, b = (v - n, 1) if what == "context" else (P, v)
+            ids = _ids(prompt_len, b, cfg.vocab_size)
             fns = {"ours": lambda k, ids=ids, lm=lm: _ours(lm, ids, k)}
             rows.append(_speeds(fns, prompt_len, b, n, 1)["ours"][1:])
-        where = f"prompt = context - {n} tokens, batch 1" if what == "context" else "128-token prompts"
+        where = f"prompt = context - {n} tokens, batch 1" if what == "context" else f"{P}-token prompts"
         print(f"\nlmforge {name} decode by {what} ({where}; all rows together):")
         print(f"| {what} | " + " | ".join(map(str, values)) + " |\n|---|" + "---|" * len(values))
         print("| tok/s | " + " | ".join(f"{d:.1f}" for d, _ in rows) + " |")

@@ -449,7 +449,8 @@ def _add_sampling_args(p) -> None:
         "--compile",
         choices=["auto", "on", "off"],
         default="auto",
-        help="compile the decode step with torch.compile (auto: on CUDA, with CUDA graphs)",
+        help="compile the decode step with torch.compile (auto: on CUDA, with CUDA graphs; on: also on CPU, "
+        "where fused C++ kernels decode ~1.3x faster after a one-time compile of 1-5 minutes, cached on disk)",
     )
     _add_device_args(p)
 
