@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, memory_bandwidth  # noqa: E402
+from common import generation_speeds, machine, memory_bandwidth  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.checkpoint import save_model  # noqa: E402
@@ -98,26 +98,6 @@ def _compiled_engine(lm, ids: torch.Tensor, n: int):
         return go
 
     return run
-
-
-def _speeds(fns: dict, prompt_len: int, rows: int, n: int, rounds: int) -> dict:
-    """{name: (prefill tok/s, decode tok/s, decode tok per CPU-second)}: fns[name](k) generates k tokens.
-    Contestants alternate; each keeps its best of `rounds` (the run least disturbed by other load).
-    CPU seconds (all threads of this process) depend much less on other load than wall-clock time."""
-    for f in fns.values():
-        f(2)()  # warm-up
-    best = {k: [float("inf")] * 4 for k in fns}  # wall 1 token, wall n tokens, cpu 1, cpu n
-    for _ in range(rounds):
-        for k, f in fns.items():
-            for i, m in enumerate((1, n)):
-                t0, c0 = time.perf_counter(), time.process_time()
-                f(m)()
-                best[k][i] = min(best[k][i], time.perf_counter() - t0)
-                best[k][2 + i] = min(best[k][2 + i], time.process_time() - c0)
-    return {
-        k: (rows * prompt_len / t1, rows * (n - 1) / max(tn - t1, 1e-9), rows * (n - 1) / max(cn - c1, 1e-9))
-        for k, (t1, tn, c1, cn) in best.items()
-    }
 
 
 def _weight_bytes(model) -> int:
@@ -234,7 +214,7 @@ def main() -> None:
                 sizes[key] = gguf.stat().st_size
             except (LlamaCppUnavailable, RuntimeError) as e:
                 print(f"(llama.cpp {gguf_type}: {e})")
-        s = _speeds(fns, P, 1, n, rounds)
+        s = generation_speeds(fns, P, 1, n, rounds)
         ref = s[hf_name][2]
         for who, (pre, dec, dec_cpu) in s.items():
             roof = bw / sizes[who]
@@ -260,7 +240,7 @@ def main() -> None:
             prompt_len, b = (v - n, 1) if what == "context" else (P, v)
             ids = _ids(prompt_len, b, cfg.vocab_size)
             fns = {"ours": lambda k, ids=ids, lm=lm: _ours(lm, ids, k)}
-            rows.append(_speeds(fns, prompt_len, b, n, 1)["ours"][1:])
+            rows.append(generation_speeds(fns, prompt_len, b, n, 1)["ours"][1:])
         where = f"prompt = context - {n} tokens, batch 1" if what == "context" else f"{P}-token prompts"
         print(f"\nlmforge {name} decode by {what} ({where}; all rows together):")
         print(f"| {what} | " + " | ".join(map(str, values)) + " |\n|---|" + "---|" * len(values))

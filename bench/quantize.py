@@ -7,11 +7,9 @@ through the inference engine (greedy; each variant timed as generate(N) - genera
 alternating, best of --rounds, so other load on the machine hits all alike).
 Part 2, the kernels at this model's decode shapes (batch 1): fp32 and bf16 F.linear, the int8/int4
 kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) and dequantizing on the fly.
-Part 3 (--smollm), decode speed on a SmolLM-135M-shaped Llama (random weights) against transformers'
-bf16 `generate` on the same weights, the anchor of bench/decode.py.
+Speed at a larger shape against transformers and llama.cpp: bench/decode.py (--dtypes int8,int4).
 
-    python bench/quantize.py runs/tiny/final                 # parts 1 and 2
-    python bench/quantize.py runs/tiny/final --smollm        # and part 3 (a few minutes more)
+    python bench/quantize.py runs/tiny/final
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, machine  # noqa: E402
+from common import compare, generation_speeds, machine  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.compress.qlinear import QuantLinear  # noqa: E402
@@ -38,22 +36,8 @@ from lmforge.infer import generate  # noqa: E402
 from lmforge.utils import dir_size, human_bytes  # noqa: E402
 
 
-def decode_speeds(fns: dict, n: int, rounds: int) -> dict:
-    """{name: decode tok/s}: fns[name](k) generates k tokens; (t(n) - t(1)) / (n - 1), best of rounds."""
-    for f in fns.values():
-        f(2)
-    best = {k: [float("inf"), float("inf")] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            for i, m in enumerate((1, n)):
-                t0 = time.perf_counter()
-                f(m)
-                best[k][i] = min(best[k][i], time.perf_counter() - t0)
-    return {k: (n - 1) / max(tn - t1, 1e-9) for k, (t1, tn) in best.items()}
-
-
 def ours(lm, prompt: list[int]):
-    return lambda k: generate(lm, [prompt], max_new_tokens=k, temperature=0, ignore_eos=True)
+    return lambda k: lambda: generate(lm, [prompt], max_new_tokens=k, temperature=0, ignore_eos=True)
 
 
 def variants(ckpt: Path, out: Path, calibration: str) -> dict[str, tuple[Path, str | None]]:
@@ -97,7 +81,8 @@ def part1(args, out: Path) -> list[dict]:
         print(f"  {k}: {ev['bits_per_byte']:.4f} bits/byte", file=sys.stderr)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, lms["fp32"].config.vocab_size, (16,), generator=g).tolist()
-    speed = decode_speeds({k: ours(lm, prompt) for k, lm in lms.items()}, args.new_tokens, args.rounds)
+    fns = {k: ours(lm, prompt) for k, lm in lms.items()}
+    speed = {k: v[1] for k, v in generation_speeds(fns, len(prompt), 1, args.new_tokens, args.rounds).items()}
     fp = rows[0]
     for r in rows:
         r["decode_tok_s"] = speed[r["variant"]]
@@ -151,48 +136,6 @@ def part2(ckpt: str, rounds: int) -> list[dict]:
     return out
 
 
-def part3(args) -> dict:
-    """SmolLM-135M shape, random weights: lmforge fp32 / bf16 / int8 / int4 vs transformers bf16."""
-    from transformers import AutoModelForCausalLM
-
-    from lmforge.checkpoint import save_model
-    from lmforge.config import preset
-    from lmforge.model import build
-
-    torch.manual_seed(0)
-    cfg = preset(size="debug") if args.smoke else preset(size="smollm-135m")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        save_model(build(cfg), tmp / "fp32")
-        quantize(tmp / "fp32", tmp / "int8", "int8", eval_data=None, log=lambda *a: None, device="cpu")
-        quantize(tmp / "fp32", tmp / "int4", "int4", 64, eval_data=None, log=lambda *a: None, device="cpu")
-        sizes = {k: dir_size(tmp / k) for k in ("fp32", "int8", "int4")}
-        lms = {
-            "lmforge fp32": lmforge.load(tmp / "fp32", device="cpu"),
-            "lmforge bf16": lmforge.load(tmp / "fp32", device="cpu", dtype="bf16"),
-            "lmforge int8": lmforge.load(tmp / "int8", device="cpu"),
-            "lmforge int4 g64": lmforge.load(tmp / "int4", device="cpu"),
-        }
-        hf = AutoModelForCausalLM.from_pretrained(tmp / "fp32", dtype=torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
-
-    def theirs(k):
-        with torch.inference_mode():
-            hf.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=k,
-                min_new_tokens=k,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-
-    fns = {k: ours(lm, ids[0].tolist()) for k, lm in lms.items()} | {"transformers bf16": theirs}
-    speed = decode_speeds(fns, args.smollm_tokens, args.rounds)
-    return {"sizes": sizes, "decode_tok_s": speed}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a trained float checkpoint directory with its tokenizer")
@@ -202,20 +145,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per timing")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (best kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument(
-        "--smollm", action="store_true", help="also part 3: SmolLM-135M shape vs transformers bf16"
-    )
-    ap.add_argument("--smollm-tokens", type=int, default=24, help="part 3: tokens decoded per timing")
     ap.add_argument("--out", default=None, help="directory for the variants and results.json (default: temp)")
     ap.add_argument(
         "--smoke",
         action="store_true",
-        help="a seconds-long check that the script runs (500 tokens, 4-token decodes, one round, a debug-size "
-        "model for part 3): no figures",
+        help="a seconds-long check that the script runs (500 tokens, 4-token decodes, one round): no figures",
     )
     args = ap.parse_args()
     if args.smoke:
-        args.eval_tokens, args.new_tokens, args.smollm_tokens, args.rounds = 500, 4, 4, 1
+        args.eval_tokens, args.new_tokens, args.rounds = 500, 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out or tempfile.mkdtemp(prefix="lmforge-bench-quantize-"))
@@ -259,21 +197,6 @@ def main() -> None:
         )
     )
 
-    if args.smollm:
-        print(
-            f"\n## SmolLM-135M shape, random weights: decode tok/s at batch 1 ({args.smollm_tokens} tokens)\n"
-        )
-        s = part3(args)
-        res["smollm"] = s
-        anchor = s["decode_tok_s"]["transformers bf16"]
-        print(
-            format_table(
-                ["", "decode tok/s", "x transformers bf16"],
-                [[k, f"{v:.1f}", f"{v / anchor:.2f}"] for k, v in s["decode_tok_s"].items()],
-                markdown=True,
-            )
-        )
-        print("\nsizes: " + ", ".join(f"{k} {human_bytes(v)}" for k, v in s["sizes"].items()))
     (out / "results.json").write_text(json.dumps(res, indent=2))
     print(f"\nresults: {out / 'results.json'}", file=sys.stderr)
 
