@@ -1,6 +1,7 @@
 """Export benchmark: export time and size per format, and greedy decode speed of the exported model
-in onnxruntime (KV-cache graph and full recompute) and llama.cpp (when llama_cpp is installed)
-against lmforge's own PyTorch generate on the same random weights, timed in alternation.
+in onnxruntime (KV-cache graph and full recompute) and llama.cpp (lmforge.export.llama_cpp, when
+llama-cpp-py-sync is installed) against lmforge's own PyTorch generate on the same random weights,
+timed in alternation.
 
     .venv/bin/python bench/export.py [--size small] [--prompt 64] [--new 32]
 """
@@ -8,7 +9,6 @@ against lmforge's own PyTorch generate on the same random weights, timed in alte
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import resource
 import tempfile
@@ -21,6 +21,7 @@ import lmforge
 from lmforge.checkpoint import save_model
 from lmforge.config import preset
 from lmforge.export import export
+from lmforge.export.llama_cpp import LlamaCpp, LlamaCppUnavailable
 from lmforge.export.onnx_runner import OnnxLM
 from lmforge.model import build
 from lmforge.tokenizer import train_tokenizer
@@ -100,22 +101,12 @@ def run(a, d: Path) -> None:
         "onnxruntime, model.onnx (full recompute)": lambda: ort_full.generate(prompt, a.new),
     }
     try:
-        from llama_cpp import Llama
-
         for dt in ("f32", "q8_0"):
-            llm = Llama(
-                model_path=str(d / f"gguf-{dt}"),
-                n_ctx=a.prompt + a.new,
-                n_threads=torch.get_num_threads(),
-                verbose=False,
-            )
-
-            def run(llm=llm):  # greedy through llama-cpp-python's own sampler loop
-                return list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, reset=True), a.new))
-
-            fns[f"llama.cpp (llama-cpp-python), {dt}"] = run
-    except ImportError:
-        print("\n(llama_cpp not installed: no llama.cpp row)")
+            llm = LlamaCpp(d / f"gguf-{dt}", n_ctx=a.prompt + a.new, n_threads=torch.get_num_threads())
+            # greedy: the prompt in one batch, then one llama_decode per token (argmax in numpy)
+            fns[f"llama.cpp (llama-cpp-py-sync), {dt}"] = lambda llm=llm: llm.greedy(prompt, a.new)
+    except LlamaCppUnavailable as e:
+        print(f"\n(no llama.cpp row: {e})")
     same = {k: f() for k, f in fns.items()}
     ref = same["lmforge generate (PyTorch, KV cache)"]
     times = compare(fns, warmup=1, iters=a.iters)

@@ -1,6 +1,6 @@
-"""GGUF export: metadata, tensors and the RoPE permutation read back with gguf.GGUFReader; greedy tokens
-from llama.cpp (llama-cpp-python, when installed) equal to lmforge's on random tiny models with a real
-(trained) tokenizer; Ollama Modelfile; bad input."""
+"""GGUF export: metadata, tensors and the RoPE permutation read back with gguf.GGUFReader; logits and
+greedy tokens from llama.cpp (lmforge.export.llama_cpp over llama-cpp-py-sync, when installed) equal to
+lmforge's on random tiny models with a real (trained) tokenizer; Ollama Modelfile; bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from lmforge.checkpoint import save_model
 from lmforge.config import preset
 from lmforge.export import export
 from lmforge.export.gguf import _permute, read_gguf
-from lmforge.model import apply_rope, build
+from lmforge.model import apply_rope, build, rope_tables
 from lmforge.tokenizer import train_tokenizer
 from lmforge.utils import UserError
 
@@ -188,7 +188,7 @@ def test_weights_and_rope_permutation(tmp_path, tok):
     cos, sin = ang.cos(), ang.sin()  # (T, hd/2)
 
     def ours(w, n):  # rotate-half on (n, T, hd)
-        return apply_rope((x @ w.T).view(T, n, hd).transpose(0, 1), cos, sin)
+        return apply_rope((x @ w.T).view(T, n, hd).transpose(0, 1), *rope_tables(cos, sin))
 
     def llama_cpp(w, n):  # adjacent pairs (2i, 2i+1) rotated by angle i
         y = (x @ torch.from_numpy(w).T).view(T, n, hd // 2, 2).transpose(0, 1)
@@ -241,25 +241,12 @@ def test_ollama_modelfile(tmp_path, tok):
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
 def _llama(path, n_ctx=128):
-    llama_cpp = pytest.importorskip(
-        "llama_cpp",
-        reason="llama-cpp-python is not installed (pip install llama-cpp-python builds llama.cpp)",
-    )
-    return llama_cpp.Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True, verbose=False,
-        type_k=0, type_v=0,  # f32 KV cache (GGML_TYPE_F32), so that only the kernels differ
-    )  # fmt: skip
+    from lmforge.export.llama_cpp import LlamaCpp, LlamaCppUnavailable
 
-
-def _llama_greedy(llm, ids, n):
-    llm.reset()
-    llm.eval(ids)
-    out = []
-    for _ in range(n):
-        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        out.append(t)
-        llm.eval([t])
-    return out
+    try:  # f32 KV cache (the runner's default), so that only the kernels differ; one thread, as ggml's
+        return LlamaCpp(path, n_ctx=n_ctx, n_threads=1)  # spinning threads crawl on a loaded 2-core box
+    except LlamaCppUnavailable as e:  # not installed, or its libraries do not load here: says which
+        pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "mixtral", "gemma", "gpt2"])
@@ -269,16 +256,16 @@ def test_llama_cpp_greedy_matches_lmforge(tmp_path, tok, family):
     llm = _llama(out)
     prompt = tok.encode("def add(a, b):\n    return a + b", bos=True)
     n = 24  # prompt + 24 < 64, the debug mistral's sliding window (llama.cpp's llama has none)
-    # llama.cpp splits and merges text the way our tokenizer does
+    # llama.cpp splits and merges text the way our tokenizer does (no BOS, special text not parsed)
     text = "It's a small world, isn't it? The quick brown fox: for i in range(10): total += i * i"
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
-    llm.eval(prompt)
+    assert llm.tokenize(text) == tok.encode(text)
+    got = llm.eval(prompt)  # the logits of every prompt position
     with torch.no_grad():
         ref = model(torch.tensor([prompt]))[0].numpy()
-    got = np.asarray(llm.scores[: len(prompt)])
+    assert got.shape == ref.shape
     tol = 5e-4 if family == "gpt2" else 1e-4  # ggml's GELU goes through an f16 lookup table
     np.testing.assert_allclose(got, ref, atol=tol * max(1.0, np.abs(ref).max()), rtol=0)
-    assert _llama_greedy(llm, prompt, n) == torch_greedy(model, prompt, n)
+    assert llm.greedy(prompt, n) == torch_greedy(model, prompt, n)  # from an emptied cache
     llm.close()
 
 
@@ -287,13 +274,26 @@ def test_llama_cpp_loads_reduced_precision(tmp_path, tok, dtype):
     model = make_checkpoint(tmp_path / "ckpt", "llama", tok, seed=2)
     llm = _llama(export(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf", dtype=dtype))
     prompt = tok.encode("The quick brown fox", bos=True)
-    llm.eval(prompt)
+    got = llm.eval(prompt)
     with torch.no_grad():
         ref = model(torch.tensor([prompt]))[0].numpy()
-    got = np.asarray(llm.scores[: len(prompt)])
     llm.close()
-    # weights rounded to f16 / 8 bits (measured: 3e-4 / 6e-3 of the largest logit)
+    assert got.shape == ref.shape
+    # weights rounded to f16 / 8 bits (measured: 5e-4 / 1.3e-2 of the largest logit)
     assert np.abs(got - ref).max() < {"f16": 2e-3, "q8_0": 2e-2}[dtype] * np.abs(ref).max()
+
+
+def test_llama_cpp_runner_errors(tmp_path, tok):
+    make_checkpoint(tmp_path / "ckpt", "llama", tok)
+    llm = _llama(export(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf", dtype="q8_0"), n_ctx=16)
+    assert llm.n_ctx >= 16  # llama.cpp may round the context up
+    with pytest.raises(ValueError, match=f"exceed the context of {llm.n_ctx}"):
+        llm.eval([1] * (llm.n_ctx + 1))
+    assert llm.greedy([1, 2, 3], 4) == llm.greedy([1, 2, 3], 4)  # each run starts from an empty cache
+    llm.close()
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file")
+    with pytest.raises(RuntimeError, match="could not load .*invalid magic"):
+        _llama(tmp_path / "bad.gguf")
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -1,0 +1,182 @@
+"""Run an exported GGUF file in llama.cpp: tokenize, logits for every prompt position, greedy decoding.
+
+    from lmforge.export.llama_cpp import LlamaCpp
+    with LlamaCpp("model.gguf", n_ctx=128) as llm:
+        ids = llm.tokenize("def add(a, b):")      # no BOS, special tokens not parsed
+        logits = llm.eval(ids)                    # (len(ids), vocab) float32, one row per position
+        new = llm.greedy(ids, 16)                 # 16 argmax tokens after ids
+
+llama.cpp comes from the prebuilt `llama-cpp-py-sync` wheel (pip install "lmforge[llama]"): CFFI
+bindings generated from llama.h over llama.cpp's own shared libraries, so nothing is compiled. Its
+high-level class asks for the last position's logits only, so this file drives the C API directly
+(about what llama.cpp's examples/simple does). The KV cache is f32 by default, so that a comparison
+with lmforge differs only by the kernels. Importing this module needs nothing; LlamaCpp needs the
+package.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+PACKAGE = "llama-cpp-py-sync"
+
+
+class LlamaCppUnavailable(ImportError):
+    """llama-cpp-py-sync is not installed, or its shared libraries do not load on this system."""
+
+
+def _bindings():
+    """(ffi, lib) of llama-cpp-py-sync, or LlamaCppUnavailable saying what to do."""
+    try:
+        from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
+    except ImportError as e:
+        raise LlamaCppUnavailable(f'llama.cpp needs {PACKAGE}: pip install "lmforge[llama]" ({e})') from e
+    try:
+        return get_ffi(), get_lib()
+    except (RuntimeError, OSError) as e:
+        msg = str(e)
+        if "GLIBC_2.38" in msg:  # the wheel's libraries want glibc >= 2.38 for four C23 functions
+            msg = (
+                f"{PACKAGE}'s prebuilt libraries need glibc 2.38 and this system has "
+                f"{os.confstr('CS_GNU_LIBC_VERSION')}: run `python scripts/llama_cpp_glibc.py` once "
+                "(make test does), see docs/export.md"
+            )
+        raise LlamaCppUnavailable(f"llama.cpp does not load: {msg}") from e
+
+
+_log: list[str] = []  # llama.cpp's warnings and errors, kept to explain a failed load
+_log_callback = None  # the C callback must outlive every call into llama.cpp
+
+
+def _quiet(ffi, lib) -> None:
+    """Route llama.cpp's log (chatty on every load) into `_log` instead of stderr."""
+    global _log_callback
+    if _log_callback is None:
+
+        @ffi.callback("void(enum ggml_log_level, const char *, void *)")
+        def keep(level, text, _user):
+            if level >= 3:  # GGML_LOG_LEVEL_WARN, _ERROR, _CONT
+                _log.append(ffi.string(text).decode("utf-8", "replace"))
+                del _log[:-50]
+
+        _log_callback = keep
+        lib.llama_log_set(keep, ffi.NULL)
+
+
+class LlamaCpp:
+    """One GGUF model and one context (a single sequence of up to `n_ctx` tokens) in llama.cpp."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_ctx: int = 512,
+        n_threads: int | None = None,
+        kv_type: int = GGML_TYPE_F32,
+    ):
+        self.ffi, self.lib = _bindings()
+        ffi, lib = self.ffi, self.lib
+        self.model = self.ctx = None
+        _quiet(ffi, lib)
+        lib.llama_backend_init()
+        mp = lib.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        del _log[:]
+        self.model = lib.llama_model_load_from_file(os.fsencode(path), mp)
+        if self.model == ffi.NULL:
+            raise RuntimeError(f"llama.cpp could not load {path}: {''.join(_log).strip()}")
+        cp = lib.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx  # a whole prompt is one batch
+        cp.n_seq_max = 1
+        cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
+        cp.type_k = cp.type_v = kv_type
+        cp.flash_attn_type = 0  # disabled: the plain attention path, as llama-cpp-python's default
+        cp.embeddings = False
+        self.ctx = lib.llama_init_from_model(self.model, cp)
+        if self.ctx == ffi.NULL:
+            self.close()
+            raise RuntimeError(f"llama.cpp could not create a context for {path}: {''.join(_log).strip()}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx = lib.llama_n_ctx(self.ctx)
+        self.n_batch = lib.llama_n_batch(self.ctx)
+        self.n_past = 0  # tokens in the KV cache
+
+    def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        """llama.cpp's tokenization of `text` (by default: no BOS, special-token text not parsed)."""
+        b = text.encode()
+        n = len(b) + 8
+        buf = self.ffi.new("llama_token[]", n)
+        got = self.lib.llama_tokenize(self.vocab, b, len(b), buf, n, add_special, parse_special)
+        if got < 0:  # -got is the size needed
+            buf = self.ffi.new("llama_token[]", -got)
+            got = self.lib.llama_tokenize(self.vocab, b, len(b), buf, -got, add_special, parse_special)
+        return list(buf[0:got])
+
+    def reset(self) -> None:
+        """Empty the KV cache: the next eval starts at position 0."""
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+
+    def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
+        """Append `tokens` to the sequence; returns the logits (float32) of every new position,
+        (len(tokens), n_vocab), or only of the last one, (1, n_vocab), when all_logits is False."""
+        if not tokens:
+            raise ValueError("eval: no tokens")
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ValueError(f"eval: {self.n_past} + {len(tokens)} tokens exceed the context of {self.n_ctx}")
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            last = start + len(chunk) == len(tokens)
+            batch = self.lib.llama_batch_init(len(chunk), 0, 1)
+            try:
+                batch.n_tokens = len(chunk)
+                for i, t in enumerate(chunk):
+                    batch.token[i] = t
+                    batch.pos[i] = self.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = all_logits or (last and i == len(chunk) - 1)
+                rc = self.lib.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed ({rc}): {''.join(_log).strip()}")
+                self.n_past += len(chunk)
+                for i in range(len(chunk)) if all_logits else ([len(chunk) - 1] if last else []):
+                    p = self.lib.llama_get_logits_ith(self.ctx, i)
+                    rows.append(np.frombuffer(self.ffi.buffer(p, 4 * self.n_vocab), np.float32).copy())
+            finally:
+                self.lib.llama_batch_free(batch)
+        return np.stack(rows)
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        """`n` tokens after `prompt`, each the argmax of the previous position's logits (from an empty
+        cache; the prompt is one batch, then one token per step, as a runtime generates)."""
+        self.reset()
+        logits = self.eval(prompt, all_logits=False)[-1]
+        out: list[int] = []
+        for _ in range(n):
+            out.append(int(np.argmax(logits)))
+            if len(out) < n:
+                logits = self.eval(out[-1:], all_logits=False)[-1]
+        return out
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            self.lib.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> LlamaCpp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "lib", None) is not None:
+            self.close()
