@@ -64,7 +64,7 @@ def main() -> None:
     rows = []
     for name in args.dtypes.split(","):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-        peak = matmul_peak_flops(dtype)
+        peak = matmul_peak_flops(dtype, n=512 if args.smoke else 2048)
         ctx = (
             (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else nullcontext
         )

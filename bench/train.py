@@ -85,7 +85,14 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     ap.add_argument("--iters", type=int, default=5, help="timed steps per contestant and precision (median)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a seconds-long check that the script runs (debug size, batch 1 x 32, one step): no figures",
+    )
     args = ap.parse_args()
+    if args.smoke:
+        args.size, args.batch, args.seq, args.iters = "debug", 1, 32, 1
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -118,7 +125,7 @@ def main() -> None:
     rows, results = [], {}
     for name in ("fp32", "bf16"):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-        peak_w, peak_c = matmul_peak(dtype)
+        peak_w, peak_c = matmul_peak(dtype, n=512 if args.smoke else 2048)
         ctx = (
             (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == torch.bfloat16 else nullcontext
         )
