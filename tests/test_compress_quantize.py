@@ -95,19 +95,6 @@ def test_kernel_matches_dequantized_weights(bits):
     assert QuantLinear.from_float(torch.randn(24, 64), bits=4, group_size=32).kernel == "dequant"
 
 
-@torch.no_grad()
-def test_int8_layer_compiled_for_decode_matches_dequantized_weights():
-    """Inside a compiled CPU decode step, few rows take the fused int8 loop (no bf16 rounding of x)."""
-    torch.manual_seed(0)
-    w, b = torch.randn(48, 64) * 0.05, torch.randn(48)
-    m = QuantLinear.from_float(w, b, bits=8)
-    step = torch.compile(m, fullgraph=True, dynamic=False)
-    for M in (1, 3):
-        x = torch.randn(M, 64)
-        ref = F.linear(x, m.dequantize(), b)
-        torch.testing.assert_close(step(x), ref, atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.parametrize("bits", [8, 4])
 def test_gptq_has_lower_output_error_than_rounding(bits):
     g = torch.Generator().manual_seed(0)

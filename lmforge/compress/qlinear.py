@@ -137,11 +137,6 @@ def _cuda_probe(kind: str) -> bool:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, kernel: str) -> torch.Tensor:
     """x (M, K) @ (q (N, K) * scales (N,))^T -> (M, N) in x's dtype."""
-    if kernel == "int8pack_cpu" and x.shape[0] <= 4 and torch.compiler.is_compiling():
-        # A compiled CPU decode step: written as a broadcast product summed over K, inductor makes it
-        # one vectorised loop that reads each int8 weight once and converts it in registers, which
-        # streams 1.2-1.9x faster than the int8 kernel for a few rows (bench/decode.py).
-        return ((x.float()[:, None, :] * q).sum(-1) * scales.float()).to(x.dtype)
     if kernel in ("int8pack_cpu", "int8pack_cuda"):  # bf16 activations: the CPU fp32 path is ~10x slower
         return torch.ops.aten._weight_int8pack_mm(x.to(_BF16), q, scales.to(_BF16)).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
