@@ -15,8 +15,9 @@ from tests.test_evaluate_metrics import MC, TEXT, make_checkpoint
 
 
 def run(
-    args: list[str], tmp_path, module: str = "lmforge.cli", timeout: int = 180
+    args: list[str], tmp_path, module: str = "lmforge.cli", timeout: int = 180, code: str | None = None
 ) -> subprocess.CompletedProcess:
+    """`python -m module args` (or `python -c code args`) offline, one thread; asserts exit status 0."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",  # tiny models on a shared machine
@@ -26,7 +27,11 @@ def run(
         "TOKENIZERS_PARALLELISM": "false",
     }
     r = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=timeout
+        [sys.executable, *(["-c", code] if code else ["-m", module]), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
     assert r.returncode == 0, f"{args}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
     return r
@@ -220,6 +225,16 @@ def test_lm_eval_harness_runs_offline_on_local_tasks(files, tmp_path):
         """,
     )
     out = tmp_path / "lmeval"
+    # lm-eval's command line indexes its ~14,000 built-in task YAMLs before anything else (about 20 s
+    # here, and no flag turns it off); these tasks all come from --include_path, so the index is built
+    # from that alone. The rest is the real `python -m lmforge.evaluate.lm_eval_adapter` (the docs'
+    # command, with the index, runs in tests/test_docs_commands.py).
+    no_builtin_tasks = (
+        "import lm_eval.tasks.manager as m; init = m.TaskManager.__init__; "
+        "m.TaskManager.__init__ = lambda self, *a, include_defaults=True, **k: "
+        "init(self, *a, include_defaults=False, **k); "
+        "import sys; from lmforge.evaluate.lm_eval_adapter import main; main(sys.argv[1:])"
+    )
     run(
         [
             "--model",
@@ -236,7 +251,7 @@ def test_lm_eval_harness_runs_offline_on_local_tasks(files, tmp_path):
             str(out),
         ],
         tmp_path,
-        module="lmforge.evaluate.lm_eval_adapter",
+        code=no_builtin_tasks,
         timeout=300,
     )
     (result_file,) = out.rglob("results_*.json")
