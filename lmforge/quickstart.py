@@ -53,7 +53,7 @@ def quickstart(
     out: str = "runs/quickstart",
     *,
     fresh: bool = False,
-    minutes: float = 4.0,
+    minutes: float = 5.0,
     vocab_size: int = 4096,
     data: str = "python-docs",
     device: str = "auto",
@@ -95,6 +95,8 @@ def quickstart(
     st.run("data", [data_dir / "meta.json"], data_stage, title=f"tokenizing {data} into token shards")
 
     def pretrain_stage():
+        import torch
+
         from lmforge.train import load_config, train
 
         cfg = load_config(
@@ -104,8 +106,9 @@ def quickstart(
                 "out_dir": str(out),
                 "device": device,
                 "dtype": dtype or "auto",
+                # batch 8 x seq_len: a few minutes on a CPU are short of steps more than of tokens
                 **(
-                    {"time_budget": f"{minutes * 60:.0f}s"}
+                    {"time_budget": f"{minutes * 60:.0f}s", "train.batch_size": 8}
                     if steps is None
                     else {"model.size": "debug", "train.max_steps": steps, "eval.batches": 2}
                 ),
@@ -120,6 +123,10 @@ def quickstart(
         )
         summary = train(cfg)
         _replace_dir(out / "pretrain" / "final", final)
+        if summary["threads"] != torch.get_num_threads():
+            # the training found fewer threads faster (other jobs hold the cores): so will the rest be
+            print(f"  the next stages use {summary['threads']} thread(s), as the training ended with")
+            torch.set_num_threads(summary["threads"])
         from lmforge.checkpoint import read_config
 
         return {
@@ -130,6 +137,8 @@ def quickstart(
             "val_bpb": summary["val_bpb"],
             "tokens_per_s": summary["tok_per_s"],
             "mfu": summary["mfu"],
+            "budget_s": minutes * 60 if steps is None else None,
+            "train_s": summary["train_time"],  # the training steps alone (no planning, evaluation, saving)
         }
 
     st.run(
@@ -271,7 +280,8 @@ def write_report(out: Path, done: dict, path: Path) -> None:
         f"lmforge generate {out / 'final'} --prompt 'def ' --max-new-tokens 64",
         f"lmforge serve {out / 'final'} --port 8000      # then open http://127.0.0.1:8000/",
         f"lmforge evaluate {out / 'int8'} --data {out / 'data'}",
-        f"docker run -p 8000:8000 -v $PWD/{out / 'final'}:/models/model lmforge",
+        f"docker run --rm -p 8000:8000 -v {(out / 'final').resolve()}:/models/model:ro lmforge:cpu"
+        "   # image: docs/docker.md",
         "```",
         "",
     ]

@@ -200,7 +200,7 @@ def test_budget_plan_is_compute_optimal_on_a_simulated_machine():
 
     T, flops = 512, 5e12
 
-    def fake_measure(mc, batch_size, seq_len, device, dtype):
+    def fake_measure(mc, batch_size, seq_len, device, dtype, **kw):
         return flops / mc.flops_per_token(seq_len)
 
     cfg = load_config(
@@ -222,3 +222,85 @@ def test_budget_plan_is_compute_optimal_on_a_simulated_machine():
     assert out.time_budget is None and out.train.max_time == 3600
     assert math.isclose(out.train.lr, float(f"{min(3e-3, 6e-4 * 768 / mc.d_model):.2g}"))
     assert any("chosen: llama depth" in x for x in lines)
+
+
+@pytest.mark.parametrize("seconds_per_step, planned", [(0.5, 50), (1.0, 300)])
+def test_pace_moves_the_end_of_a_wsd_run_to_the_deadline(monkeypatch, seconds_per_step, planned):
+    """A plan made for the wrong speed (too slow, too fast) still ends at the deadline, and the learning
+    rate never jumps: the end moves only while it is at its peak, then the decay runs whole."""
+    from types import SimpleNamespace
+
+    from lmforge.train import budget
+    from lmforge.train.optim import decay_start
+
+    clock = [1000.0]
+    monkeypatch.setattr(budget, "time", SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+    t = TrainSection(lr=1e-3, schedule="wsd", warmup_steps=2, decay_fraction=0.2)
+    pace = budget.Pace(max_time=100.0, t_start=clock[0])
+    cost = {"eval": 1.0, "save": 0.5}
+    total, step, lrs = planned, 0, []
+    while step < total:
+        lrs.append(lr_at(step, total, t))
+        clock[0] += seconds_per_step
+        step += 1
+        if step % 20 == 0:  # an evaluation every 20 steps, left out of the pace
+            clock[0] += cost["eval"]
+            pace.exclude(cost["eval"])
+        if not pace.frozen:
+            total = pace.update(step, total, t, 20, cost)
+            pace.frozen = decay_start(total, t) <= step + 1
+    end = clock[0] - 1000.0 + cost["eval"] + 2 * cost["save"]  # the final evaluation and saves
+    assert 100 - 4 * seconds_per_step <= end <= 100, end
+    assert lrs[2 : decay_start(total, t)] == [1e-3] * (decay_start(total, t) - 2)  # flat until the decay
+    assert all(a >= b for a, b in zip(lrs[decay_start(total, t) :], lrs[decay_start(total, t) + 1 :]))
+
+
+def test_threads_keep_the_faster_count(monkeypatch):
+    """Trials of the other thread count switch when it is clearly faster, and back off when not."""
+    from lmforge.train.budget import Threads
+
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: counts.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: counts[-1] if counts else 2)
+    th = Threads(2, period=5, trial=2)
+    speed = {2: 1.0, 1: 0.4}  # the cores are busy: one thread is faster
+    for step in range(40):
+        th.before_step(step)
+        th.after_step(step + 1, speed[torch.get_num_threads()])
+    assert th.current == 1 and counts[-1] == 1
+    speed = {2: 0.3, 1: 0.4}  # the other job ended: two threads win again at the next trial
+    for step in range(40, 120):
+        th.before_step(step)
+        th.after_step(step + 1, speed[torch.get_num_threads()])
+    assert th.current == 2 and th.period > 5  # trials of one thread lost since, so they came rarer
+
+
+def test_budget_plan_measures_larger_models_where_they_run_faster():
+    """On a GPU a tiny probe leaves the device mostly idle; the planner measures its choice and the
+    depths above it, so it ends where a machine with that model's full speed would (the test above)."""
+    import time
+
+    from lmforge.train.budget import matmul_params, plan
+    from lmforge.train.data import Data
+    from lmforge.train.distributed import Dist
+
+    def plan_with(measure):
+        cfg = load_config(
+            overrides={
+                "time_budget": "1h",
+                "data.seq_len": 512,
+                "train.batch_size": 8,
+                "model.family": "llama",
+            }
+        )
+        data = Data(train=iter(()), vocab_size=8192, n_train_tokens=10**8)
+        out, _ = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=measure)
+        return out.model.overrides["n_layers"]
+
+    def saturating(mc, batch_size, seq_len, device, dtype, **kw):  # utilization grows until 5M params
+        return 5e12 * min(1.0, matmul_params(mc) / 5e6) / mc.flops_per_token(seq_len)
+
+    def full(mc, batch_size, seq_len, device, dtype, **kw):
+        return 5e12 / mc.flops_per_token(seq_len)
+
+    assert plan_with(saturating) == plan_with(full) > 1

@@ -116,4 +116,9 @@ def test_time_budget_run_finishes_in_time(corpus, tmp_path, one_thread, capsys):
     from lmforge.train.config import read_yaml
 
     saved = read_yaml(tmp_path / "budget/config.yaml")
-    assert saved["time_budget"] is None and saved["train"]["tokens"] > 0 and saved["model"]["n_layers"] >= 2
+    assert saved["time_budget"] is None and saved["train"]["tokens"] > 0 and saved["model"]["n_layers"] >= 1
+    # the plan as it ended: its length fitted to the deadline, which --resume auto continues
+    assert (
+        saved["train"]["fit_time"]
+        and saved["train"]["tokens"] == s["total_steps"] * saved["train"]["global_batch_tokens"]
+    )

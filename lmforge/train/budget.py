@@ -1,15 +1,25 @@
 """`--time-budget 10m`: the best model this machine can train in a given wall-clock time.
 
-1. Measure: a few real training steps (forward, backward, AdamW) of a probe model at the run's batch
-   and sequence length give this machine's achieved FLOP/s.
+1. Measure: two real training steps (forward, backward, AdamW) of the smallest model at the run's batch
+   and sequence length give this machine's achieved FLOP/s; other sizes are extrapolated with the FLOP
+   model (6N + attention per token). Larger models achieve more (on a GPU many times more), so the
+   chosen depth is measured too, and the next ones up while they could still fit.
 2. Choose: models come from one dial, depth (d_model = 64 * depth, 64-wide heads, the family's MLP
    ratio, as in nanochat). With C = achieved FLOP/s * training seconds, the compute-optimal model has
    about 20 tokens per parameter (Chinchilla: C = 6 N D, D = 20 N). We take the largest depth the budget
    can still feed 20 tokens per parameter (parameters counted as those in matmuls: embeddings excluded,
-   the output layer included, since that is what costs time).
-3. Check: the chosen model is measured too, and the token count set from its own throughput.
-The rest follows: steps from a global batch sized for a few hundred steps, a learning rate scaled with
-width (6e-4 at d_model 768, as GPT-3 small), evaluation about ten times, a hard stop at the deadline.
+   the output layer included, since that is what costs time). A budget of minutes on a CPU cannot give
+   even the smallest depth that many; it then trains the smallest one on all the tokens the time allows,
+   which beat the next depth on fewer tokens in the same time when we measured it (docs/training.md).
+3. Fit: a warmup-stable-decay schedule keeps the learning rate at its peak until the last fifth of the
+   steps, so the run may still move its end while it goes: the loop re-measures its own pace after every
+   step and ends the run at the deadline (`Pace`, train.fit_time), whatever the first estimate was.
+On a CPU the run also picks its thread count: all cores, or one when other jobs hold the cores and
+one thread trains faster (`Threads`, re-checked as the run goes).
+The rest follows: a global batch sized for a thousand steps or more (short runs are short of steps more
+than of tokens per step), a learning rate scaled with width (6e-4 at d_model 768, as GPT-3 small),
+evaluation a handful of times on a bounded number of validation tokens (a few percent of the training
+compute in all), a hard stop at the deadline.
 """
 
 from __future__ import annotations
@@ -26,9 +36,12 @@ from lmforge.train import distributed as D
 from lmforge.train.config import RunConfig
 from lmforge.utils import UserError, human_count
 
-DEPTHS = (2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32)
+DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32)
 TOKENS_PER_PARAM = 20
-OVERHEAD = 0.10  # of the budget, for evaluation, checkpoints, the final save and start-up
+OVERHEAD = 0.05  # of the budget, for evaluation, checkpoints, the final save and start-up
+MIN_STEPS = 1000  # the global batch grows only while the run keeps at least this many steps
+EVALS = 5  # evaluations during the run (and one at the start and one at the end)
+EVAL_SHARE = 0.03  # at most this share of the training compute goes to evaluation
 
 
 def parse_duration(text: str) -> float:
@@ -77,10 +90,13 @@ def measure(
     seq_len: int,
     device: torch.device,
     dtype: torch.dtype,
-    seconds: float = 3.0,
-    max_steps: int = 6,
+    seconds: float = 1.0,
+    max_steps: int = 4,
+    give_up: float | None = None,
 ) -> float:
-    """Training tokens/s of one process: real steps (forward, backward, AdamW) on random tokens."""
+    """Training tokens/s of one process: real steps (forward, backward, AdamW) on random tokens; one
+    warm-up step, then at least two timed ones (more while they take under `seconds` in all). If the
+    warm-up step alone takes over `give_up` seconds, its own rate is returned (a clear loser)."""
     from lmforge.model import build
 
     gen = torch.Generator().manual_seed(0)
@@ -96,9 +112,12 @@ def measure(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    t0 = time.perf_counter()
     step()  # warm-up: allocations, kernel selection
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if give_up is not None and time.perf_counter() - t0 > give_up:
+        return batch_size * seq_len / (time.perf_counter() - t0)
     t0, n = time.perf_counter(), 0
     while n < max_steps and (n < 2 or time.perf_counter() - t0 < seconds):
         step()
@@ -130,39 +149,74 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
     def config(depth):
         return preset(fam, "tiny", **shape(fam, depth, vocab, T))
 
-    probe = 4
-    tps_probe = _shared(measure_fn(config(probe), B, T, d.device, dtype), d) * W
+    def measured(depth, **kw) -> float:  # tokens/s of all processes
+        return _shared(measure_fn(config(depth), B, T, d.device, dtype, **kw), d) * W
+
+    # 1. measure the smallest model: the cheapest to time, and the one a short budget ends up with.
+    # On a CPU also with one thread: when other jobs hold the cores, one thread can be several times
+    # faster than all (see Threads); the faster count starts the run.
+    t_measure = time.time()
+    probe = DEPTHS[0]
+    n_threads = torch.get_num_threads()
+    threads_line = None
+    if d.device.type == "cpu" and W == 1 and n_threads > 1:
+        torch.set_num_threads(1)
+        one = measured(probe)
+        torch.set_num_threads(n_threads)
+        every = measured(probe, give_up=2 * B * T / one)  # a warm-up step that slow has lost already
+        if one > every:
+            torch.set_num_threads(1)
+        threads_line = (
+            f"  threads: {torch.get_num_threads()} ({human_count(one)} tokens/s with 1, "
+            f"{human_count(every)} with {n_threads}; the run re-checks as it goes)"
+        )
+        tps_probe = max(one, every)
+    else:
+        tps_probe = measured(probe)
     flops = tps_probe * config(probe).flops_per_token(T)  # achieved model FLOP/s, all processes
     left = budget - (time.time() - t_start)
-    train_s = left * (1 - OVERHEAD) - 5.0  # the chosen model is measured too
+    train_s = left * (1 - OVERHEAD)
     if train_s <= 10:
         raise UserError(
             f"--time-budget {cfg.time_budget}: after start-up and measuring ({budget - left:.0f}s) "
             f"too little time is left to train; give at least {int(budget - left + 30)}s"
         )
-    rows = []
-    for depth in DEPTHS:
-        mc = config(depth)
-        n = matmul_params(mc)
-        rows.append((depth, mc, n, flops * train_s / mc.flops_per_token(T)))
-    fits = [r for r in rows if r[3] >= TOKENS_PER_PARAM * r[2]]
-    depth, mc, n, _ = fits[-1] if fits else rows[0]
-    tps = tps_probe if depth == probe else _shared(measure_fn(mc, B, T, d.device, dtype), d) * W
+
+    # 2. the largest depth the budget can feed 20 tokens per parameter. Larger models achieve more FLOP/s
+    # (on a GPU many times more than the probe), so the choice is measured, and so is the next depth up
+    # while it could fit at up to 4x the FLOP/s measured so far; measuring stops at a tenth of the budget.
+    def fits(k: int, flops: float) -> bool:
+        return flops * train_s / config(k).flops_per_token(T) >= TOKENS_PER_PARAM * matmul_params(config(k))
+
+    achieved = {probe: flops}  # depth -> measured FLOP/s
+    depth = max([k for k in DEPTHS if fits(k, flops)], default=probe)
+    while time.time() - t_measure < budget / 10:
+        if depth not in achieved:
+            achieved[depth] = measured(depth) * config(depth).flops_per_token(T)
+            if not fits(depth, achieved[depth]):  # slower than the FLOP model said: one down
+                depth = max([k for k in achieved if k < depth and fits(k, achieved[k])], default=probe)
+                break
+        up = DEPTHS.index(depth) + 1
+        if up == len(DEPTHS) or not fits(DEPTHS[up], 4 * max(achieved.values())):
+            break
+        depth = DEPTHS[up]
+    if depth not in achieved:  # ran out of measuring time: the last measured pace, by the FLOP model
+        depth = max([k for k in achieved if fits(k, achieved[k])], default=probe)
+    mc, n, flops = config(depth), matmul_params(config(depth)), achieved[depth]
+    tps = flops / mc.flops_per_token(T)
+    t_measure = time.time() - t_measure
     left = budget - (time.time() - t_start)
     train_s = left * (1 - OVERHEAD)
     tokens = int(tps * train_s)
-    if tokens < TOKENS_PER_PARAM * n / 2 and depth > DEPTHS[0]:  # measured slower than estimated: one smaller
-        depth, mc, n, _ = rows[DEPTHS.index(depth) - 1]
-        tokens = int(
-            tokens * config(DEPTHS[DEPTHS.index(depth) + 1]).flops_per_token(T) / mc.flops_per_token(T)
-        )
-        tps = tokens / train_s
+    # 3. batch, steps, learning rate, schedule, evaluation
     micro = B * T * W
     gbt = micro
-    while gbt * 2 <= min(tokens / 300, 1 << 19):  # a few hundred steps at least, at most 0.5M tokens a step
+    while gbt * 2 <= min(tokens / MIN_STEPS, 1 << 19):  # enough steps, at most 0.5M tokens a step
         gbt *= 2
     steps = max(1, tokens // gbt)
     tokens = steps * gbt
+    eval_tokens = EVAL_SHARE * 3 * tokens / (EVALS + 2)  # a forward pass costs a third of a training step
+    eval_batches = max(1, min(cfg.eval.batches, int(eval_tokens // micro)))
 
     over = shape(fam, depth, vocab, T)
     if data.tokenizer is not None:
@@ -172,31 +226,44 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
     cfg.train.tokens, cfg.train.max_steps, cfg.train.global_batch_tokens = tokens, None, gbt
     cfg.train.lr = float(f"{min(3e-3, max(1e-4, 6e-4 * 768 / mc.d_model)):.2g}")
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, steps // 20))
+    cfg.train.schedule = "wsd"  # the end of the run may move until the decay starts (train.fit_time)
     cfg.train.max_time = (
         budget  # counted from the start of train(); the loop keeps time for its final eval and save
     )
-    cfg.eval.every = max(1, steps // 10)
+    cfg.train.fit_time = True
+    cfg.eval.every = max(1, steps // EVALS)
+    cfg.eval.batches = eval_batches
     cfg.ckpt.every = max(1, steps // 5) if budget >= 1800 else 0
     cfg.time_budget = None  # applied: the saved config.yaml resumes this exact plan
 
     c = flops * train_s
     n_opt = math.sqrt(c / (6 * TOKENS_PER_PARAM))
     lines = [
-        f"time budget {cfg_budget_text(budget)}: measured {human_count(tps_probe)} tokens/s training a "
-        f"{human_count(matmul_params(config(probe)))}-param probe = {flops / 1e9:.3g} GFLOP/s achieved "
-        f"({str(dtype).replace('torch.', '')}, batch {B} x {T}{f' x {W} processes' if W > 1 else ''})",
+        f"time budget {cfg_budget_text(budget)}: measured {human_count(tps_probe)} tokens/s training the "
+        f"{human_count(matmul_params(config(probe)))}-param depth-{probe} model = {achieved[probe] / 1e9:.3g} GFLOP/s "
+        f"achieved ({str(dtype).replace('torch.', '')}, batch {B} x {T}{f' x {W} processes' if W > 1 else ''}; "
+        f"{t_measure:.1f}s of measuring)",
         f"  ~{train_s:.0f}s of training = {c:.3g} FLOPs; compute-optimal (C = 6ND, D = 20N): "
         f"N ~ {human_count(n_opt)} params on {human_count(TOKENS_PER_PARAM * n_opt)} tokens",
         f"  chosen: {fam} depth {depth} (d_model {mc.d_model}, {mc.n_layers} layers, {mc.n_heads} heads) = "
-        f"{human_count(n)} params in matmuls ({human_count(mc.n_params())} total)",
-        f"  measured {human_count(tps)} tokens/s for it -> {human_count(tokens)} tokens "
-        f"({tokens / n:.2g} per param) in {steps} steps of {human_count(gbt)} tokens, lr {cfg.train.lr:g}",
+        f"{human_count(n)} params in matmuls ({human_count(mc.n_params())} total)"
+        + (f", measured {human_count(tps)} tokens/s" if depth != probe else "")
+        + (f" (measured: depths {', '.join(map(str, sorted(achieved)))})" if len(achieved) > 1 else ""),
     ]
-    if not fits:
+    if threads_line:
+        lines.insert(1, threads_line)
+    if TOKENS_PER_PARAM * n > tokens and depth == DEPTHS[0]:
         lines.append(
-            "  the budget cannot give even the smallest model 20 tokens per parameter: it trains "
-            "that one on all the tokens the time allows"
+            "  (the budget cannot give even the smallest depth 20 tokens per parameter; it trains that one "
+            "on all the tokens the time allows, which beats a larger one on fewer)"
         )
+    lines += [
+        f"  plan: {human_count(tokens)} tokens ({tokens / n:.2g} per param) in {steps} steps of "
+        f"{human_count(gbt)} tokens, lr {cfg.train.lr:g} warmup-stable-decay (the last "
+        f"{cfg.train.decay_fraction:.0%} decay), evaluation every {cfg.eval.every} steps on at most "
+        f"{human_count(eval_batches * micro)} tokens",
+        "  the run re-measures its pace as it goes and moves its end to the deadline until the decay starts",
+    ]
     if data.n_train_tokens and tokens > data.n_train_tokens:
         lines.append(
             f"  note: that is {tokens / data.n_train_tokens:.1f} epochs of the "
@@ -209,3 +276,108 @@ def cfg_budget_text(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Pace:
+    """The run's length fitted to its deadline while it runs (--time-budget sets train.fit_time).
+
+    A machine's speed drifts (other jobs, thermal limits, a plan measured on a few steps), so the loop
+    re-estimates after every step how many steps still fit before `train.max_time`, from the pace of the
+    last minute (at least 20 steps; evaluation and checkpoint time left out), and moves the end of the
+    run accordingly.
+    It may do so only while the learning rate is at its peak: the wsd schedule keeps it there for the
+    first (1 - decay_fraction) of the steps, so the end moves freely until the decay starts; from then
+    on the plan is fixed (the loop's deadline check still stops it in time).
+    """
+
+    def __init__(self, max_time: float, t_start: float, window: float = 60.0, min_steps: int = 20):
+        self.deadline = t_start + max_time  # time.time() clock, as the loop's max_time check
+        self.marks: list[tuple[int, float]] = []  # (step, perf_counter - excluded seconds)
+        self.excluded = 0.0
+        self.window, self.min_steps = window, min_steps  # the pace of the last minute, or 20 steps
+        self.frozen = False
+
+    def exclude(self, seconds: float) -> None:
+        """Seconds that were not training steps (evaluation, checkpoints)."""
+        self.excluded += seconds
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.marks) < 3:
+            return None
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / max(1, s1 - s0)
+
+    def update(self, step: int, total: int, t, eval_every: int, cost: dict) -> int:
+        """The total step count that ends the run at the deadline (`total` once the decay has started).
+
+        `t`: the TrainSection (its schedule); `cost`: seconds of one evaluation and one save, as the loop
+        measured them: the evaluations still to come (every `eval_every` steps) and the end of the run
+        (a last evaluation, a checkpoint and final/) need their time too."""
+        from lmforge.train.optim import decay_start
+
+        self.marks.append((step, time.perf_counter() - self.excluded))
+        while len(self.marks) > self.min_steps and self.marks[-1][1] - self.marks[1][1] > self.window:
+            self.marks.pop(0)
+        spp = self.seconds_per_step()
+        if self.frozen or decay_start(total, t) <= step:
+            self.frozen = True
+            return total
+        if spp is None:
+            return total
+        reserve = cost["eval"] + 2 * cost["save"] + 2 * spp  # the end of the run, two steps of slack
+        left = self.deadline - time.time() - reserve
+        per_step = spp + (cost["eval"] / eval_every if eval_every else 0.0)  # evaluations still to come
+        new = step + max(1, int(left / per_step))
+        while decay_start(new, t) <= step and new < total:  # too late for so short a run: decay from now
+            new += 1
+        return new
+
+
+class Threads:
+    """CPU threads for the next training step, re-chosen while a --time-budget run goes.
+
+    On a machine shared with other jobs one thread can train several times faster than all of them:
+    an OpenMP team waits for its slowest thread at every barrier, and a thread whose core another job
+    holds makes the whole step wait (on the 2-core machine of docs/benchmarks.md, at load 6: 2.2K
+    tokens/s with one thread, 0.5K with two). On an idle machine all threads win. So every `period`
+    steps the loop trains a few steps with the other count and keeps whichever was faster; a trial that
+    loses doubles the period, so an idle machine pays for few of them.
+    """
+
+    def __init__(self, n: int, period: int = 25, trial: int = 2):
+        self.current, self.other = torch.get_num_threads(), (1 if torch.get_num_threads() > 1 else n)
+        self.period, self.base_period, self.trial = period, period, trial
+        self.next_trial, self.trial_left = period, 0
+        self.times: dict[int, list[float]] = {}
+
+    def before_step(self, step: int) -> None:
+        if self.trial_left == 0 and step >= self.next_trial and self.other != self.current:
+            self.trial_left = self.trial
+            torch.set_num_threads(self.other)
+
+    def after_step(self, step: int, seconds: float) -> str | None:
+        """Record the step's time; returns a line to log when the count changes."""
+        k = torch.get_num_threads()
+        self.times.setdefault(k, []).append(seconds)
+        self.times[k] = self.times[k][-5:]
+        if not self.trial_left:
+            return None
+        self.trial_left -= 1
+        if self.trial_left:
+            return None
+        t_trial = min(self.times[self.other][-self.trial :])
+        base = sorted(self.times.get(self.current, [float("inf")]))
+        t_base = base[len(base) // 2]
+        msg = None
+        if t_trial < 0.85 * t_base:
+            msg = (
+                f"threads: {self.other} instead of {self.current} ({t_trial:.2f}s a step instead of "
+                f"{t_base:.2f}s)"
+            )
+            self.current, self.other = self.other, self.current
+            self.period = self.base_period
+        else:
+            self.period = min(8 * self.base_period, 2 * self.period)
+        torch.set_num_threads(self.current)
+        self.next_trial = step + self.period
+        return msg

@@ -106,6 +106,8 @@ class TrainSection:
     """recompute each block's activations in the backward pass: less memory, ~30% more compute"""
     max_time: float | None = None
     """stop in time to finish (final evaluation, checkpoint, final/) within this many seconds of wall-clock time"""
+    fit_time: bool = False
+    """with max_time: re-estimate from the measured speed how many steps fit, and end the run there (while the schedule is at its peak lr: use wsd); --time-budget sets it"""
     keep_zeros: bool = False
     """keep weights that are exactly zero in the starting model at zero (recovery fine-tuning of a pruned model)"""
 

@@ -15,7 +15,9 @@ an uninterrupted one bit for bit (tests/test_train_resume.py).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import math
 import random
 import signal
@@ -32,7 +34,7 @@ from lmforge.train import lora as L
 from lmforge.train.config import RunConfig, default_name
 from lmforge.train.data import Data, make_data
 from lmforge.train.metrics import Metrics, format_duration, peak_flops, summary_lines, write_report
-from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.optim import build_optimizer, decay_start, lr_at, set_lr
 from lmforge.train.validate import evaluate, sample
 from lmforge.utils import UserError, atomic_write_text, human_count
 
@@ -186,12 +188,14 @@ def train(cfg: RunConfig, data: Data | None = None, loss_fn=None) -> dict:
     """
     d = D.setup(cfg.parallel, cfg.device)
     ok = False
+    threads = torch.get_num_threads()  # --time-budget may change it as it goes; the caller's comes back
     try:
         with torch.enable_grad():  # whatever the caller's grad mode (a notebook, a test module) is
             out = _train(cfg, d, data, loss_fn)
         ok = True
         return out
     finally:
+        torch.set_num_threads(threads)
         if ok:
             D.cleanup(d)
         elif d.active and torch.distributed.is_initialized():
@@ -219,12 +223,15 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
     for note in data.notes:
         say(f"note: {note}")
 
+    n_threads = torch.get_num_threads()
     if cfg.time_budget and resume_from is None:
         from lmforge.train.budget import plan
 
         cfg, explanation = plan(cfg, data, d, dtype, t_start)
         for line in explanation:
             say(line)
+        if data.val is not None:  # the plan bounds the validation batches
+            data = dataclasses.replace(data, val=_first(data.val, max(1, cfg.eval.batches // d.world)))
 
     # ------------------------------------------------------------------ model
     from lmforge.checkpoint import load_model
@@ -302,13 +309,16 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
         if state.get("global_batch_tokens") not in (None, gbt):
             say(f"note: the global batch changed from {state['global_batch_tokens']} to {gbt} tokens")
 
-    if d.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    def write_config() -> None:
         atomic_write_text(
             run_dir / "config.yaml",
             f"# lmforge {cfg.task} run, resolved configuration (defaults, --config file and options)\n"
             + cfg.to_yaml(),
         )
+
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config()
 
     # ------------------------------------------------------------------ logging
     flops_tok = mc.flops_per_token(T, training=True)
@@ -327,6 +337,14 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
     )
     for note in metrics.notes:
         say(f"note: {note}")
+    pace = threads = None  # --time-budget: length and CPU threads follow the measured speed (budget.py)
+    if cfg.train.fit_time and cfg.train.max_time:
+        from lmforge.train.budget import Pace, Threads
+
+        pace = Pace(cfg.train.max_time, t_start)
+        if dev.type == "cpu" and not d.active and max(n_threads, torch.get_num_threads()) > 1:
+            threads = Threads(n_threads)
+    n_evals = total_steps // cfg.eval.every if cfg.eval.every else 0
     say(
         f"{cfg.task} {cfg.name}: {mc.family} {human_count(n_params)} params"
         + (f" ({human_count(n_train)} trainable)" if n_train != n_params else "")
@@ -346,7 +364,7 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
 
     # Seconds the end of a run costs (last evaluation, a checkpoint and final/), so that --train.max_time
     # (and --time-budget) stops early enough to fit them.
-    cost = {"eval": 0.0, "save": 0.5}
+    cost = {"eval": 0.0, "save": 0.5, "eval_step": -1}
     last_samples: list[str] = []
 
     def run_eval(at_step: int) -> dict:
@@ -360,8 +378,10 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
         last_samples[:] = _samples(D.unwrap(model), cfg, data, at_step)
         for text in last_samples:
             metrics.write(text)
-        metrics.plot()
-        cost["eval"] = time.perf_counter() - t
+        metrics.plot(every=60)  # at the end of the run in any case
+        cost["eval"], cost["eval_step"] = time.perf_counter() - t, at_step
+        if pace is not None:
+            pace.exclude(cost["eval"])
         return res
 
     def save(at_step: int) -> Path:
@@ -395,7 +415,11 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
         )
         if d.main:
             C.prune(run_dir, cfg.ckpt.keep)
+            if pace is not None:  # the plan as it stands, for --resume
+                write_config()
         cost["save"] = time.perf_counter() - t
+        if pace is not None:
+            pace.exclude(cost["save"])
         return path
 
     # ------------------------------------------------------------------ the loop
@@ -419,6 +443,8 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
         seed_all(cfg.seed + d.rank)
     with _Stop() as stop:
         while step < total_steps:
+            if threads is not None:
+                threads.before_step(step)
             t0 = time.perf_counter()
             lr = lr_at(step, total_steps, cfg.train)
             set_lr(optimizer, lr)
@@ -489,6 +515,8 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
             tokens_seen += gbt
             dt = time.perf_counter() - t0
             train_time += dt
+            if threads is not None and (msg := threads.after_step(step, dt)):
+                metrics.write(msg)
             if step > start_step + 1:  # the first step of a process warms up (allocations, compilation)
                 run_time += dt
                 run_tokens += gbt
@@ -513,16 +541,46 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
                 }
                 if skipped:
                     rec["skipped"] = True
+                if threads is not None:
+                    rec["threads"] = torch.get_num_threads()
                 metrics.log(rec)
                 win_t, win_tokens = now, 0
 
             stop_now = sig or time_up
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
+            if pace is not None and not stop_now and not pace.frozen:
+                new_total = pace.update(step, total_steps, cfg.train, cfg.eval.every, cost)
+                if d.active:  # the ranks' paces differ a little: all take the shortest plan
+                    neg = torch.tensor([-new_total], dtype=torch.float64, device=dev)
+                    new_total = -int(D.all_reduce(neg, d, op="max").item())
+                if new_total != total_steps:
+                    total_steps = new_total
+                    cfg.train.tokens = total_steps * gbt
+                    metrics.set_total(total_steps)
+                    if n_evals:
+                        cfg.eval.every = max(1, total_steps // n_evals)
+                pace.frozen = pace.frozen or decay_start(total_steps, cfg.train) <= step + 1
+                if pace.frozen:
+                    spp = pace.seconds_per_step() or 0.0
+                    metrics.write(
+                        f"time budget: {human_count(gbt / max(spp, 1e-9))} tokens/s over the last minute; "
+                        f"the run ends at step {total_steps} ({human_count(total_steps * gbt)} tokens), "
+                        f"the learning rate decays from step {decay_start(total_steps, cfg.train)}"
+                    )
+                    if d.main:
+                        write_config()
+            due = (
+                step - max(cost["eval_step"], 0) >= cfg.eval.every  # the period may change as the run goes
+                if pace is not None
+                else step % max(1, cfg.eval.every) == 0
+            )
+            if cfg.eval.every and due and step < total_steps:
+                t_pause = time.perf_counter()
                 last_val = run_eval(step)
-                win_t = time.perf_counter()  # evaluation time is not training throughput
+                win_t += time.perf_counter() - t_pause  # evaluation time is not training throughput
             if (cfg.ckpt.every and step % cfg.ckpt.every == 0 and step < total_steps) or stop_now:
+                t_pause = time.perf_counter()
                 last_ckpt = save(step)
-                win_t = time.perf_counter()
+                win_t += time.perf_counter() - t_pause
             if stop_now:
                 stopped = (
                     {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}.get(int(sig), "max_time")
@@ -534,7 +592,8 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
     # ------------------------------------------------------------------ the end
     finished = step >= total_steps
     if finished or stopped == "max_time":
-        last_val = run_eval(step) or last_val
+        if cost["eval_step"] != step:  # (a time stop may come right after an evaluation)
+            last_val = run_eval(step) or last_val
         if last_ckpt is None or last_ckpt.name != C.step_dir(run_dir, step).name:
             last_ckpt = save(step)
     final = None
@@ -577,6 +636,7 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "stopped": stopped,
         "wall_time": time.time() - t_start,
+        "threads": torch.get_num_threads(),  # at the end (--time-budget picks the faster count as it goes)
     }
     if d.main:
         write_report(run_dir, summary, cfg.to_yaml(), last_samples)
@@ -588,6 +648,11 @@ def _train(cfg: RunConfig, d: D.Dist, data: Data | None, loss_fn=None) -> dict:
             )
         print(f"done in {format_duration(summary['wall_time'])}")
     return summary
+
+
+def _first(val, n: int):
+    """A validation-batch function that yields only the first n batches of `val`'s."""
+    return lambda: itertools.islice(val(), n)
 
 
 def _check_same_shape(saved: ModelConfig, wanted: ModelConfig, where) -> None:

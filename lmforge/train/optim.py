@@ -81,6 +81,17 @@ def lr_at(step: int, total: int, t: TrainSection) -> float:
     raise ValueError(f"train.schedule={t.schedule!r}: choose cosine, wsd or constant")
 
 
+def decay_start(total: int, t: TrainSection) -> int:
+    """The first step whose learning rate is below the peak: until then the schedule does not depend on
+    `total`, so a run may still change its length (--time-budget fits it to the time left)."""
+    w = warmup_steps(t, total)
+    if t.schedule == "constant":
+        return total
+    if t.schedule == "wsd":
+        return max(w, total - max(1, int(round(t.decay_fraction * total))))
+    return w + 1  # cosine: the step after warmup is already below the peak
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr

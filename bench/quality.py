@@ -1,0 +1,335 @@
+"""Quality in a time budget: the quickstart's recipe against a plain transformers LlamaForCausalLM.
+
+What `lmforge quickstart` is worth is the model it gets in its few minutes, so this trains, in this
+process and one after another, for the same wall-clock budget that the quickstart's pretrain stage had:
+
+- lmforge: `train()` with the quickstart's own plan (its run's config.yaml: model, batch, learning
+  rate, warmup-stable-decay schedule, bf16 autocast where `--dtype auto` picks it, the length fitted to
+  the deadline as it goes, evaluations and saves inside the budget);
+- transformers, lmforge's recipe: `LlamaForCausalLM` with the same config and the same initial weights
+  (lmforge's init, saved and loaded by transformers), the same token batches in the same order (lmforge's
+  loader over the quickstart's shards), `torch.optim.AdamW` with the same batch, learning rate, betas,
+  weight decay, warmup-stable-decay schedule, gradient clipping and autocast, in the loop a user writes
+  (forward, cross-entropy, backward, clip, step);
+- transformers, its defaults: the same, but the optimizer and schedule of `TrainingArguments`' defaults
+  (lr 5e-5, linear decay to 0, no warmup, no weight decay, betas 0.9/0.999).
+
+The transformers loops fit their length to the budget the way a user would: they time their first
+steps and then plan the steps that fit; they stop at the deadline in any case. Their final evaluation
+and save come after the budget (lmforge's are inside it). Then every model is saved as a Hugging Face
+directory with the quickstart's tokenizer and scored by the same code (`lmforge.evaluate.evaluate_lm`:
+every validation document, bits per byte from the tokenizer's byte lengths). The quickstart's own
+model is scored too, as it came out of the quickstart (trained earlier, under whatever load there was).
+
+So "lmforge vs transformers, lmforge's recipe" is the implementation's speed (more steps in the same
+time), and "transformers, lmforge's recipe vs its defaults" is the recipe.
+
+    python bench/quality.py [RUN] [--threads 1] [--budget SECONDS] [--quick]
+
+RUN is a quickstart run directory (default runs/quickstart); without one it runs the quickstart's
+stages first (export skipped). --quick (or --smoke, as the other benchmarks call it) trains for a few
+seconds on a small slice of python-docs (a 512-token vocabulary, a depth-2 model over 64-token windows)
+in a temporary directory: a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from lmforge.train.config import RunConfig, load_config  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------- runs
+def quickstart_run(run: Path, minutes: float | None) -> None:
+    """Make sure `run` holds a quickstart's tokenizer, data and pretrain stages."""
+    stages = run / "stages.json"
+    done = json.loads(stages.read_text()) if stages.exists() else {}
+    if "pretrain" in done and (run / "final" / "model.safetensors").exists():
+        return
+    from lmforge.quickstart import quickstart
+
+    print(f"{run} has no finished quickstart: running its stages first (export skipped)")
+    quickstart(str(run), export=False, **({"minutes": minutes} if minutes else {}))
+
+
+def quick_run(root: Path) -> tuple[RunConfig, Path, Path]:
+    """A few-second setup: 512-token BPE and shards from 300 python-docs documents, a depth-2 plan."""
+    from lmforge.data.prepare import prepare
+    from lmforge.data.tokenize_corpus import train_tokenizer_on
+    from lmforge.train.budget import shape
+
+    tok_dir, data_dir = root / "tokenizer", root / "data"
+    train_tokenizer_on("python-docs", 512, tok_dir, max_docs=300, verbose=False)
+    prepare("python-docs", tok_dir, data_dir, max_docs=300, workers=1, progress=False, verbose=False)
+    over = {f"model.{k}": v for k, v in shape("llama", 2, 512, 64).items() if k != "vocab_size"}
+    cfg = load_config(
+        None,
+        {
+            "name": "pretrain",
+            "out_dir": str(root),
+            "dtype": "auto",
+            "data.path": str(data_dir),
+            "data.tokenizer": str(tok_dir),
+            "data.seq_len": 64,
+            "train.batch_size": 8,
+            "train.tokens": 10**7,  # the fit to max_time ends it
+            "train.lr": 3e-3,
+            "train.warmup_steps": 2,
+            "train.schedule": "wsd",
+            "train.max_time": 3.0,
+            "train.fit_time": True,
+            "eval.every": 0,
+            "eval.batches": 2,
+            "eval.samples": 0,
+            "ckpt.every": 0,
+            **over,
+        },
+    )
+    return cfg, data_dir, tok_dir
+
+
+# ------------------------------------------------------------------------------------------- training
+def lmforge_row(cfg: RunConfig, out: Path) -> dict:
+    """lmforge's loop on the quickstart's plan, in this process."""
+    from lmforge.train import train
+
+    c = copy.deepcopy(cfg)  # the run moves its own plan (train.tokens) as it goes
+    c.name, c.out_dir, c.resume = "lmforge", str(out), "none"
+    c.log.progress = False
+    c0 = time.process_time()
+    s = train(c)
+    return {
+        "path": Path(s["final"]),
+        "steps": s["step"],
+        "tokens": s["tokens"],
+        "seconds": s["wall_time"],
+        "cpu": time.process_time() - c0,
+    }
+
+
+def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: Path, out: Path) -> dict:
+    """An ordinary PyTorch loop around transformers' LlamaForCausalLM, for `budget` seconds of wall clock.
+
+    recipe "lmforge": the plan's AdamW settings and warmup-stable-decay schedule; "defaults": those of
+    transformers' TrainingArguments (linear decay)."""
+    from transformers import LlamaForCausalLM, TrainingArguments
+
+    from lmforge.data.loader import TokenLoader
+    from lmforge.train.loop import compute_dtype
+    from lmforge.train.optim import lr_at
+
+    t_start, c0 = time.perf_counter(), time.process_time()
+    deadline = t_start + budget
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    t = cfg.train
+    B, T = t.batch_size, cfg.data.seq_len
+    accum = (t.global_batch_tokens or B * T) // (B * T)
+    if recipe == "lmforge":
+        hp = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+        clip = t.grad_clip
+    else:
+        d = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}  # linear decay, no warmup
+        hp = dict(
+            lr=d["learning_rate"],
+            betas=(d["adam_beta1"], d["adam_beta2"]),
+            eps=d["adam_epsilon"],
+            weight_decay=d["weight_decay"],
+        )
+        clip = d["max_grad_norm"]
+    peak = hp["lr"]
+    opt = torch.optim.AdamW(model.parameters(), fused=True, **hp)
+    loader = TokenLoader(cfg.data.path, "train", B, T, seed=cfg.seed)
+    bf16 = compute_dtype(cfg.dtype, torch.device("cpu")) == torch.bfloat16
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    def lr(step: int, total: int) -> float:
+        if recipe == "lmforge":
+            return lr_at(step, total, t)
+        return peak * max(0.0, (total - step) / total)  # transformers' linear schedule without warmup
+
+    probe = 6  # steps timed before the length is planned (the first one warms up)
+    total = t.tokens // (t.global_batch_tokens or B * T) if t.tokens else 1000  # until then
+    step, t_probe = 0, None
+    while step < total:
+        for g in opt.param_groups:
+            g["lr"] = lr(step, total)
+        for _ in range(accum):
+            x, y = next(loader)
+            with ctx():
+                logits = model(input_ids=x).logits  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+            loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        now = time.perf_counter()
+        if step == 1:
+            t_probe = now
+        elif step == probe:  # plan the steps that fit in what is left
+            per_step = (now - t_probe) / (probe - 1)
+            total = probe + max(0, int((deadline - now) / per_step) - 1)
+        elif t_probe is not None and step > probe and now + (now - t_probe) / (step - 1) > deadline:
+            break  # the next step would end after the deadline
+    seconds, cpu = time.perf_counter() - t_start, time.process_time() - c0
+    path = out / f"transformers-{recipe}"
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / f, path / f)
+    return {"path": path, "steps": step, "tokens": step * accum * B * T, "seconds": seconds, "cpu": cpu}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", nargs="?", default="runs/quickstart", help="a quickstart run directory")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every contestant (default 1: on a machine shared with other jobs, one "
+        "thread is steadier; 0 = torch's choice)",
+    )
+    ap.add_argument(
+        "--budget", type=float, default=None, help="seconds per contestant (default: the quickstart's)"
+    )
+    ap.add_argument("--minutes", type=float, default=None, help="quickstart budget if it has to be run")
+    ap.add_argument(
+        "--quick",
+        "--smoke",
+        dest="quick",
+        action="store_true",
+        help="a few seconds on a small corpus in a temporary directory (RUN is not used): a smoke test",
+    )
+    ap.add_argument("--seed", type=int, default=None, help="seed of the weights and data order")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lmforge.checkpoint import load_model, save_model
+    from lmforge.evaluate import evaluate_lm
+    from lmforge.model import build
+    from lmforge.utils import human_count
+
+    tmp = tempfile.TemporaryDirectory(prefix="lmforge-quality-")
+    work = Path(tmp.name)
+    run = None
+    if args.quick:
+        cfg, data_dir, tok_dir = quick_run(work)
+        budget = args.budget or cfg.train.max_time
+        max_tokens = 4000
+    else:
+        run = Path(args.run)
+        quickstart_run(run, args.minutes)
+        cfg = load_config(run / "pretrain" / "config.yaml")
+        data_dir, tok_dir = Path(cfg.data.path), run / "tokenizer"
+        stage_s = json.loads((run / "stages.json").read_text())["pretrain"]["seconds"]
+        budget = args.budget or cfg.train.max_time or stage_s  # (a --steps quickstart had no budget)
+        max_tokens = None
+    if args.seed is not None:
+        cfg.seed = args.seed
+    cfg.train = dataclasses.replace(cfg.train, max_time=budget, fit_time=True)
+    cfg.time_budget = None
+
+    load0 = os.getloadavg()[0]
+    print(f"machine: {machine()}, torch {torch.__version__}, load average at start {load0:.1f}")
+    print(
+        f"budget {budget:.0f}s per contestant; data {data_dir}; model {cfg.model.family} "
+        f"{ {k: v for k, v in cfg.model.overrides.items() if k in ('d_model', 'n_layers', 'n_heads')} }, "
+        f"batch {cfg.train.global_batch_tokens or cfg.train.batch_size * cfg.data.seq_len} tokens, lr {cfg.train.lr:g}, {cfg.train.schedule}, "
+        f"dtype {cfg.dtype}"
+    )
+
+    # the initial weights lmforge's run starts from, as a transformers directory
+    from lmforge.train.data import make_data
+    from lmforge.train.loop import model_config
+
+    mc = model_config(cfg, make_data(cfg))
+    init = build(mc)
+    init.init_weights(cfg.seed)
+    init_dir = work / "init"
+    save_model(init, init_dir)
+    del init
+
+    # one-time costs that would land in the first contestant's budget: the first AdamW imports
+    # torch._dynamo (seconds), the first transformers model imports its modelling code
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    rows = []
+    if run is not None:
+        pre = json.loads((run / "stages.json").read_text())["pretrain"]
+        rows.append(
+            (
+                "lmforge quickstart (its own run)",
+                {
+                    "path": run / "final",
+                    "steps": pre["steps"],
+                    "tokens": pre["tokens"],
+                    "seconds": pre["seconds"],
+                    "cpu": None,
+                },
+            )
+        )
+    contestants = [
+        ("lmforge, the quickstart's plan", lambda: lmforge_row(cfg, work)),
+        (
+            "transformers LlamaForCausalLM, lmforge's recipe",
+            lambda: hf_row(cfg, "lmforge", budget, init_dir, tok_dir, work),
+        ),
+        (
+            "transformers LlamaForCausalLM, TrainingArguments defaults",
+            lambda: hf_row(cfg, "defaults", budget, init_dir, tok_dir, work),
+        ),
+    ]
+    for name, fn in contestants:
+        load = os.getloadavg()[0]
+        r = fn()
+        r["load"] = (load, os.getloadavg()[0])
+        print(
+            f"{name}: {r['steps']} steps, {human_count(r['tokens'])} tokens in {r['seconds']:.1f}s "
+            f"({r['cpu']:.1f} CPU s); load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}",
+            flush=True,
+        )
+        rows.append((name, r))
+
+    print()
+    print(
+        "| model | params | steps | tokens trained | training seconds | tokens/s | tokens per CPU-s "
+        "| val loss | val bits/byte |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        ev = evaluate_lm(str(r["path"]), str(data_dir), max_tokens=max_tokens, device="cpu")
+        n = load_model(r["path"]).num_params()
+        per_cpu = f"{r['tokens'] / r['cpu']:,.0f}" if r["cpu"] else "-"
+        print(
+            f"| {name} | {human_count(n)} | {r['steps']} | {human_count(r['tokens'])} | {r['seconds']:.0f} | "
+            f"{r['tokens'] / max(r['seconds'], 1e-9):,.0f} | {per_cpu} | {ev['loss']:.4f} | "
+            f"{ev['bits_per_byte']:.4f} |",
+            flush=True,
+        )
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
