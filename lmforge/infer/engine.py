@@ -288,10 +288,14 @@ class Engine:
         return self.model(tok, cache=self._static)[:, -1]
 
     def _decode_logits(self, tok: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) of one decode step feeding tok (B, 1)."""
+        """Logits (k, V) of one decode step feeding tok (k, 1) to rows [0, k) (k < B: eager only)."""
         c = self.cache
         if self._step_fn is None:
-            return self.model(tok, cache=c)[:, -1]
+            k = tok.shape[0]
+            view = c if k == len(self.rows) else _row_view(c, slice(0, k))
+            logits = self.model(tok, cache=view)[:, -1]
+            c.length = view.length
+            return logits
         self._static.slot.fill_(c.length % c.window if c.ring else c.length)
         logits = self._step_fn(tok)
         c.length += 1
@@ -307,6 +311,9 @@ class Engine:
             if self.rows[r].append(t):
                 self._retire(r)
 
+    # Decode only rows [0, last busy row] (eager steps): see ServingEngine (serve/scheduler.py).
+    skip_idle_tail = False
+
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """One decode step for every row; returns the sequences that got a token (finished ones are
@@ -317,11 +324,14 @@ class Engine:
         t0 = time.perf_counter()
         if self.cache.length + 1 > self.max_len:
             self._make_room()
-        self._park_idle_rows()
-        logits = self._decode_logits(self.cur[:, None])
-        tok = self.sampler(logits)  # (B,)
-        self.sampler.observe(tok)
-        self.cur = tok
+        self._park_idle_rows()  # idle rows that are decoded keep their positions at 0
+        B = len(self.rows)
+        k = live[-1] + 1 if self.skip_idle_tail and self._step_fn is None else B
+        logits = self._decode_logits(self.cur[:k, None])  # (k, V)
+        rows = None if k == B else list(range(k))
+        tok = self.sampler(logits, rows)  # (k,)
+        self.sampler.observe(tok, None if k == B else torch.arange(k, device=self.device))
+        self.cur[:k] = tok
         toks = tok.tolist()  # the one host sync of the step
         out = []
         for i in live:

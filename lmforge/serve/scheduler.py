@@ -35,9 +35,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
-from lmforge.infer.engine import Engine, _row_view
+from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.sequence import Sequence
 from lmforge.serve.metrics import Metrics
@@ -414,36 +412,7 @@ class ServingEngine(Engine):
     compute nor advance; a request joining one resets it (_prefill_row). Same tokens as Engine.step.
     """
 
-    @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        live = [i for i, r in enumerate(self.rows) if r is not None]
-        if not live:
-            return []
-        k = live[-1] + 1
-        if k == len(self.rows) or self._step_fn is not None:
-            return super().step()
-        t0 = time.perf_counter()
-        if self.cache.length + 1 > self.max_len:
-            self._make_room()
-        self._park_idle_rows()  # idle rows below k are decoded too
-        view = _row_view(self.cache, slice(0, k))
-        logits = self.model(self.cur[:k, None], cache=view)[:, -1]  # (k, V)
-        self.cache.length = view.length
-        rows = list(range(k))
-        tok = self.sampler(logits, rows)  # (k,)
-        self.sampler.observe(tok, torch.arange(k, device=self.device))
-        self.cur[:k] = tok
-        toks = tok.tolist()
-        out = []
-        for i in live:
-            seq = self.rows[i]
-            if seq.append(toks[i]):
-                self._retire(i)
-            out.append(seq)
-        self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += len(live)
-        self.stats["decode_s"] += time.perf_counter() - t0
-        return out
+    skip_idle_tail = True
 
 
 def _put_all(batch) -> None:
