@@ -13,8 +13,9 @@ For each: batch-1 prefill tokens/s (a 128-token prompt) and decode tokens/s (gre
 each contestant timed as generate(N tokens) - generate(1 token) so that all pay their own setup, the
 contestants alternating so that other load on the machine hits them alike; per wall-clock second and
 per CPU-second of this process (which other load disturbs much less). Decode streams every weight once
-per step, so the roofline is memory bandwidth (a large tensor sum, measured in this run) / the bytes
-of weights each contestant reads per step; the table shows the share of it each one reaches. Then
+per step, so the roofline is memory bandwidth (a large tensor sum on huge pages, measured in this
+run; the 4 KiB-page figure is printed too) / the bytes of weights each contestant reads per step; the
+table shows the share of it each one reaches. Then
 lmforge alone as the context grows (128 -> 2048 tokens) and as the batch grows (1 -> 32 rows).
 
     python bench/decode.py                   # fp32, bf16, int8 (~10 minutes on 2 cores)
@@ -175,10 +176,14 @@ def main() -> None:
     d = Path(tmp.name)
     save_model(build(cfg), d / "fp32", tokenizer=tok)
     load0 = os.getloadavg()[0]
-    bw = memory_bandwidth()
+    bw = memory_bandwidth()  # on huge pages, where lmforge's decode weights are
+    bw_small = memory_bandwidth(huge=False)  # PyTorch's ordinary allocation (4 KiB pages)
     print(f"machine: {machine()}, torch {torch.__version__}, load average {load0:.1f}")
     print(f"model: {size} shape, {cfg.n_params() / 1e6:.1f}M parameters, random weights")
-    print(f"memory bandwidth (sum of a 512 MB tensor, {threads} threads): {bw / 1e9:.1f} GB/s")
+    print(
+        f"memory bandwidth (sum of a 512 MB tensor, {threads} threads): {bw / 1e9:.1f} GB/s on huge pages "
+        f"(the roofline below), {bw_small / 1e9:.1f} GB/s on 4 KiB pages"
+    )
     print(f"batch 1, {P}-token prompt, {n} new tokens (greedy, no early stop), best of {rounds}\n")
     print(
         "| precision | runtime | weights MB | prefill tok/s | decode tok/s | decode tok/CPU-s "

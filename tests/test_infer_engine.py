@@ -100,9 +100,17 @@ def _run_continuous(engine, reqs, admit_every=5):
     return {i: s.token_ids for i, s in done.items()}
 
 
-def test_bf16_decode_path_matches_an_uncached_forward(monkeypatch):
-    """bf16 on CPU decodes through oneDNN-packed weights and few_query_attention: same logits as the
-    plain full forward to bf16 rounding, same greedy tokens."""
+@pytest.mark.parametrize("kernel", [True, False])
+def test_bf16_decode_path_matches_an_uncached_forward(monkeypatch, kernel):
+    """bf16 on CPU decodes through lmforge's kernel (or, without it, oneDNN-packed weights) and
+    few_query_attention: same logits as the plain full forward to bf16 rounding, same greedy tokens."""
+    from lmforge.infer import rows
+
+    if kernel and not rows.available():
+        pytest.skip("the kernel did not build")
+    if not kernel:
+        monkeypatch.setattr(rows, "available", lambda: False)
+        monkeypatch.setattr(rows, "LOADED", False)
     lm = _lm()
     lm.model.to(torch.bfloat16)
     seen = _record_logits(monkeypatch)
@@ -332,3 +340,27 @@ def test_a_rejected_request_leaves_the_running_batch_alone():
     while engine.active:
         engine.step()
     assert running.token_ids == _greedy(lm, PROMPTS[0], 30, ignore_eos=True)
+
+
+def test_compiled_cpu_decode_step_equals_eager_for_each_engine():
+    """Engine(compile=True) on CPU (inductor, C++ wrapper, dynamo's module guards skipped): the same
+    greedy tokens as eager, for two models in one process (each engine has its own compiled step),
+    and an in-place weight update is seen by the compiled step."""
+
+    def greedy(engine):
+        s = Sequence([5, 6, 7, 8], SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))
+        engine.add([s])
+        while engine.active:
+            engine.step()
+        return s.token_ids
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build(preset(size="debug")).eval()
+        compiled = Engine(model, max_batch=1, max_len=64, compile=True)
+        before = greedy(compiled)
+        assert before == greedy(Engine(model, max_batch=1, max_len=64))
+        with torch.no_grad():
+            model.blocks[0].mlp.w_out.weight.mul_(3)
+        after = greedy(compiled)
+        assert after == greedy(Engine(model, max_batch=1, max_len=64)) and after != before

@@ -6,8 +6,10 @@ Notable features
   value of the middle code, as in PyTorch's int4 kernels and gpt-fast)
 - scales and zeros are bfloat16 values chosen so that the grid covers every weight (scales rounded up),
   so the stored weights are within scale/2 of the originals and the kernels use the exact values stored
-- kernels measured on the decode shapes (bench/quantize.py): `aten._weight_int8pack_mm` and
-  `aten._weight_int4pack_mm_for_cpu` with bf16 activations (fp32 accumulation) on CPU;
+- kernels measured on the decode shapes (bench/quantize.py): on CPU, lmforge's own kernel for the
+  few rows of a decode step (lmforge/infer/rows.py, fp32 activations; once an Engine has built it),
+  else `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` with bf16 activations (fp32
+  accumulation);
   `_weight_int8pack_mm` / `_weight_int4pack_mm` (bf16) on CUDA; elsewhere, or for shapes a kernel refuses,
   the layer is dequantized on the fly (a layer's `kernel` attribute says which one it uses)
 - the embedding table can be int8 too (per-row scales); when the output projection is tied to it, the
@@ -29,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.infer import rows
 from lmforge.model import Transformer
 from lmforge.utils import UserError
 
@@ -137,6 +140,13 @@ def _cuda_probe(kind: str) -> bool:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, kernel: str) -> torch.Tensor:
     """x (M, K) @ (q (N, K) * scales (N,))^T -> (M, N) in x's dtype."""
+    if (
+        kernel == "int8pack_cpu"
+        and rows.LOADED
+        and x.shape[0] <= rows.MAX_ROWS[torch.int8]
+        and not x.requires_grad
+    ):
+        return rows.linear_rows(x, q, scales)  # a decode step: lmforge's kernel, fp32 activations
     if kernel in ("int8pack_cpu", "int8pack_cuda"):  # bf16 activations: the CPU fp32 path is ~10x slower
         return torch.ops.aten._weight_int8pack_mm(x.to(_BF16), q, scales.to(_BF16)).to(x.dtype)
     return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.infer import hugepages
+
 # --------------------------------------------------------------------------------------------- timing
 
 
@@ -75,9 +77,15 @@ def matmul_peak_flops(dtype=torch.float32, n: int = 2048, device="cpu") -> float
     return 2 * n**3 / sec
 
 
-def memory_bandwidth(device="cpu", mb: int = 512) -> float:
-    """Achieved bytes/s reading a large buffer (a sum touches every byte once): the decode ceiling."""
-    x = torch.ones(mb * 2**20 // 4, dtype=torch.float32, device=device)
+def memory_bandwidth(device="cpu", mb: int = 512, huge: bool = True) -> float:
+    """Achieved bytes/s reading a large buffer (a sum touches every byte once): the decode ceiling.
+    On CPU the buffer is on huge pages where the OS has them, as lmforge's decode weights are
+    (lmforge/infer/hugepages.py); huge=False measures PyTorch's ordinary allocation."""
+    n = mb * 2**20 // 4
+    if torch.device(device).type == "cpu" and huge and hugepages.available():
+        x = hugepages.arena(n * 4).view(torch.float32).fill_(1.0)
+    else:
+        x = torch.ones(n, dtype=torch.float32, device=device)
     sec = timeit(lambda: x.sum(), warmup=2, iters=7)
     return x.numel() * 4 / sec
 

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 
 import torch
 
 from lmforge.cache import KVCache, make_mask
-from lmforge.infer import packed
+from lmforge.infer import packed, rows
 from lmforge.infer.sampling import Sampler
 from lmforge.infer.sequence import Sequence
 from lmforge.utils import UserError
@@ -112,13 +113,15 @@ class Engine:
         }
         if compile is None:
             compile = self.device.type == "cuda"
-        # On CPU, fp32 compiled or not keeps the transposed weight storage (inductor's matmuls read it
-        # as it is); bf16 compiled lets inductor's freezing pack the weights for oneDNN instead.
-        fp32 = model.tok_emb.weight.dtype == torch.float32
-        if self.device.type == "cpu" and compile and not fp32:
-            packed.restore(model)
-        elif self.device.type == "cpu" and cpu_pack:
+        # On CPU the compiled step calls lmforge's decode kernel like the eager one (packed.py). Without
+        # the kernel, fp32 keeps the transposed weight storage (inductor's matmuls read it as it is) and
+        # bf16 lets inductor's freezing pack the weights for oneDNN instead.
+        freeze = False
+        if self.device.type == "cpu" and cpu_pack:
             packed.prepare(model, max_rows=max_batch)
+            if compile and not rows.LOADED and model.tok_emb.weight.dtype != torch.float32:
+                packed.restore(model)
+                freeze = True
         self._step_fn = None
         if compile:
             self._static = _StaticStep(self.cache)
@@ -133,9 +136,17 @@ class Engine:
             if self.device.type == "cuda":  # CUDA graphs: one replay per step
                 self._step_fn = torch.compile(self._static_logits, mode="reduce-overhead", fullgraph=True)
             else:  # CPU: the ~60 small ops per layer fused into C++ kernels, called from C++ rather
-                # than Python; minutes to compile the first time (inductor caches it on disk after)
-                opts = {"freezing": not fp32, "cpp_wrapper": True}
-                self._step_fn = torch.compile(self._static_logits, fullgraph=True, options=opts)
+                # than Python; minutes to compile the first time (inductor caches it on disk after).
+                # Checking dynamo's guards on every module and parameter costs ~1 ms a step, so they
+                # are skipped: safe because this engine's step function has its own code object (so
+                # its own dynamo cache, which no other engine's model can hit) and the parameters
+                # are graph inputs read afresh at every call (not frozen in), so in-place updates show.
+                opts = {"freezing": freeze, "cpp_wrapper": True}
+                if not freeze:
+                    opts["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+                code = Engine._static_logits.__code__.replace()  # a copy: this engine's cache alone
+                step = types.FunctionType(code, Engine._static_logits.__globals__).__get__(self)
+                self._step_fn = torch.compile(step, fullgraph=True, options=opts)
 
     # ------------------------------------------------------------------ bookkeeping
     @property

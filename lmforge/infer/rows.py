@@ -1,0 +1,79 @@
+"""lmforge's CPU decode kernel (rows.cpp): `linear_rows(x, w, scale, bias)` for the few rows of a
+decode step, with fp32, bf16 or int8 weights. Why it exists and what it reaches: rows.cpp's header.
+
+It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native`,
+through torch.utils.cpp_extension; ~15 s, once: the build is cached under
+~/.cache/torch_extensions) and registered as the operator `torch.ops.lmforge.linear_rows`, which
+torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
+False and decoding uses PyTorch's own kernels (slower; nothing else changes).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SRC = Path(__file__).with_name("rows.cpp")
+# Rows of x up to which the kernel beats PyTorch's paths, per weight dtype (measured one-threaded on the
+# decode shapes of a SmolLM-135M; more rows are compute-bound, where PyTorch's blocked kernels win).
+MAX_ROWS = {torch.float32: 4, torch.bfloat16: 2, torch.int8: 4}
+
+
+LOADED = False  # set by available(): the operator is registered (layers check this, never building)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and loaded (builds it on the first call)."""
+    if os.environ.get("LMFORGE_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ninja  # the build tool cpp_extension drives; the pip package ships the binary
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    try:
+        from torch.utils.cpp_extension import load
+
+        if not _built():
+            print("lmforge: building the CPU decode kernel (once, ~15 s)", file=sys.stderr)
+        load(
+            name="lmforge_rows",
+            sources=[str(SRC)],
+            extra_cflags=["-O3", "-march=native"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, an unsupported platform
+        warnings.warn(
+            f"lmforge's CPU decode kernel did not build ({type(e).__name__}: {str(e)[:300]}); decoding "
+            "uses PyTorch's kernels, which are slower. Install g++ (and `pip install ninja`) to get it, "
+            "or set LMFORGE_KERNELS=0 to stop trying.",
+            stacklevel=2,
+        )
+        return False
+    torch.library.register_fake("lmforge::linear_rows")(_shape)
+    global LOADED
+    LOADED = True
+    return True
+
+
+def _built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return any(Path(_get_build_directory("lmforge_rows", verbose=False)).glob("*.so"))
+
+
+def _shape(x, w, scale=None, bias=None):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def linear_rows(x: torch.Tensor, w: torch.Tensor, scale=None, bias=None) -> torch.Tensor:
+    """x (M, K) @ (w (N, K) * scale (N)[:, None])^T + bias -> (M, N) in x's dtype; fp32 accumulation."""
+    return torch.ops.lmforge.linear_rows(x, w, scale, bias)

@@ -1,0 +1,139 @@
+"""lmforge's CPU decode kernel (rows.cpp), the decode set-up of Linear layers (packed.py) and the
+weights in huge pages (hugepages.py): results against PyTorch's own products in float64."""
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.infer import hugepages, packed, rows
+
+needs_kernel = pytest.mark.skipif(not rows.available(), reason="the kernel did not build (no C++ compiler)")
+
+
+def _ref(x, w, scale=None, bias=None):
+    """The product in float64 from the values the kernel sees (x and scale read as fp32)."""
+    w64 = w.double() * (scale.double()[:, None] if scale is not None else 1)
+    y = x.double() @ w64.t()
+    return y + bias.double() if bias is not None else y
+
+
+@needs_kernel
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9, 17])
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 33, 576])
+def test_linear_rows_equals_the_product(wdtype, M, K):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    N = 37  # not a multiple of anything the kernel blocks by
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g)
+    scale = bias = None
+    if wdtype == torch.int8:
+        w = torch.randint(-127, 128, (N, K), generator=g).to(torch.int8)
+        scale = (torch.rand(N, generator=g) / 100).to(torch.bfloat16)  # stored bf16, as QuantLinear does
+        bias = torch.randn(N, generator=g)
+    else:
+        w = w.to(wdtype)
+    y = rows.linear_rows(x, w, scale, bias)
+    ref = _ref(x, w, scale, bias)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    # fp32 accumulation in another order than float64's: relative to the size of the terms
+    tol = 1e-5 * float(
+        (
+            x.double().abs() @ (w.double().abs() * (scale.double()[:, None] if scale is not None else 1)).t()
+        ).max()
+    )
+    assert float((y.double() - ref).abs().max()) <= tol + 1e-6
+    # bf16 activations in, bf16 out: the same sums, rounded once at the end
+    yb = rows.linear_rows(x.bfloat16(), w, scale, bias)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, _ref(x.bfloat16(), w, scale, bias).to(torch.bfloat16), atol=tol, rtol=1e-2)
+
+
+@needs_kernel
+def test_linear_rows_refuses_what_it_cannot_do():
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or int8"):
+        rows.linear_rows(torch.randn(1, 4), torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match=r"x \(M, K\), w \(N, K\)"):
+        rows.linear_rows(torch.randn(1, 5), torch.randn(3, 4))
+
+
+@needs_kernel
+def test_linear_rows_traces_under_torch_compile():
+    """The operator has a fake (shape) implementation, so a compiled graph holds it without a break."""
+    w = torch.randn(24, 32)
+    f = torch.compile(lambda x: rows.linear_rows(x, w).relu(), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(f(x), (x @ w.t()).relu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_linear_layers_compute_the_same(monkeypatch, kernel, dtype):
+    """Decode calls (few rows, no autograd) take the fast path, every other call the plain one; the
+    results agree either way, with or without lmforge's kernel (PyTorch's layouts then)."""
+    if kernel and not rows.available():
+        pytest.skip("the kernel did not build")
+    if not kernel:
+        monkeypatch.setattr(rows, "available", lambda: False)
+        monkeypatch.setattr(rows, "LOADED", False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 48, bias=False)).to(dtype)
+    ref = [p.detach().clone() for p in model.parameters()]
+    done = packed.prepare(model, max_rows=8)
+    assert ("decode kernel" in done) == kernel, done
+    for p, r in zip(model.parameters(), ref):
+        assert torch.equal(p, r)  # the values never change, whatever the storage
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for M in (1, 2, 4, 7, 30):
+        x = torch.randn(M, 64).to(dtype)
+        want = F.linear(F.linear(x.double(), ref[0].double(), ref[1].double()), ref[2].double())
+        with torch.no_grad():
+            got = model(x)
+        torch.testing.assert_close(got.double(), want, atol=tol * float(want.abs().max()), rtol=0)
+    x = torch.randn(3, 64, dtype=dtype)
+    model(x).sum().backward()  # autograd: the plain path, gradients flow
+    assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
+    packed.restore(model)
+    assert "forward" not in model[0].__dict__ and model[0].weight.is_contiguous()
+
+
+def _huge_kb(t: torch.Tensor) -> int:
+    """AnonHugePages (kB) of the mapping that holds t, from /proc/self/smaps."""
+    addr, kb, inside = t.data_ptr(), 0, False
+    for line in open("/proc/self/smaps"):
+        m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+        if m:
+            inside = int(m[1], 16) <= addr < int(m[2], 16)
+        elif inside and line.startswith("AnonHugePages:"):
+            kb = int(line.split()[1])
+    return kb
+
+
+def test_weights_move_to_huge_pages_keeping_values_strides_and_ties():
+    if not hugepages.available():
+        pytest.skip("transparent huge pages are not available on this machine")
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(4096, 256), nn.Linear(256, 4096, bias=False)
+    head.weight = emb.weight  # tied
+    lin = nn.Linear(256, 1024)
+    lin.weight.data = lin.weight.data.t().contiguous().t()  # stored transposed
+    model = nn.ModuleDict({"emb": emb, "head": head, "lin": lin})
+    model.register_buffer("small", torch.arange(10.0))  # under min_bytes: left where it is
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    strides = lin.weight.stride()
+    moved = hugepages.place(model)
+    assert moved >= (4096 * 256 + 256 * 1024) * 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model["head"].weight is model["emb"].weight  # still one Parameter
+    assert lin.weight.stride() == strides
+    assert _huge_kb(emb.weight) >= 2048  # the kernel gave the mapping 2 MiB pages
+    assert hugepages.place(model) == 0  # already placed: nothing moves twice
+    # training still works on the moved parameters
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model["lin"](torch.randn(2, 256)).sum().backward()
+    opt.step()
+    assert not torch.equal(lin.weight, before["lin.weight"])
