@@ -451,7 +451,7 @@ def _add_sampling_args(p) -> None:
         choices=["auto", "on", "off"],
         default="auto",
         help="compile the decode step with torch.compile (auto: on CUDA, with CUDA graphs; on: also on CPU, "
-        "where fused C++ kernels decode ~1.3x faster after a one-time compile of 1-5 minutes, cached on disk)",
+        "where fused C++ kernels decode 1.3-1.7x faster after a one-time compile of 1-2 minutes, cached on disk)",
     )
     _add_device_args(p)
 

@@ -80,8 +80,8 @@ class Engine:
     max_batch: rows decoded together (idle rows still cost compute, as the shapes are fixed).
     max_len: slots per row (prompt + generated tokens of a request must fit); default the context.
     compile: run the decode step through torch.compile with CUDA graphs; None = on CUDA only.
-    cpu_pack: on CPU, lay the Linear weights out for fast decode matmuls (packed.py; changes the
-        model's weight storage in place, and in bf16 keeps one packed copy of them).
+    cpu_pack: on CPU, set the Linear layers up for fast decode matmuls (packed.py: lmforge's decode
+        kernel, weights moved into huge pages; changes the model's weight storage in place).
     """
 
     def __init__(

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -35,6 +36,33 @@ inline float to_f32(c10::BFloat16 v) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+
+// an optional (N,) vector (scales, bias) read as fp32, stored fp32 or bf16 (other dtypes converted)
+struct Col {
+  const float* f = nullptr;
+  const c10::BFloat16* b = nullptr;
+  at::Tensor keep;
+  Col(const std::optional<at::Tensor>& t, int64_t N, const char* what) {
+    if (!t) return;
+    TORCH_CHECK(t->numel() == N, "linear_rows: ", what, " must have one value per output (", N, ")");
+    keep = t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16 ? t->contiguous()
+                                                                                : t->to(at::kFloat).contiguous();
+    if (keep.scalar_type() == at::kFloat) f = keep.data_ptr<float>();
+    else b = keep.data_ptr<c10::BFloat16>();
+  }
+  float get(int64_t n, float absent) const { return f ? f[n] : b ? to_f32(b[n]) : absent; }
+};
+
+// the output, fp32 or bf16 (rounded once, from the fp32 sum)
+struct Out {
+  float* f;
+  c10::BFloat16* b;
+  Out at(int64_t off) const { return f ? Out{f + off, nullptr} : Out{nullptr, b + off}; }
+  void set(int64_t i, float v) const {
+    if (f) f[i] = v;
+    else b[i] = c10::BFloat16(v);
+  }
+};
 
 #ifdef LMF_AVX512
 // 16 weights from w (the first `n` of them: n < 16 only at the end of a row) as fp32 lanes
@@ -93,14 +121,14 @@ inline void dot_rows(const W* w, int64_t stride, const float* x, int64_t K, floa
 // y[m, n] for n in [n0, n1): one x row reads the weight rows as two streams (the two halves of the
 // range), more x rows share one stream (the product is then closer to compute-bound)
 template <int M, typename W>
-void rows_of(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t n0, int64_t n1,
+void rows_of(const W* w, const float* x, const Col& scale, const Col& bias, const Out& y, int64_t n0, int64_t n1,
              int64_t N, int64_t K) {
   constexpr int S = M == 1 ? 2 : 1;
   const int64_t h = (n1 - n0) / S;
   float out[S * M];
   auto put = [&](int64_t n, const float* o) {
-    float sc = scale ? scale[n] : 1.f, b = bias ? bias[n] : 0.f;
-    for (int m = 0; m < M; m++) y[m * N + n] = o[m] * sc + b;
+    float sc = scale.get(n, 1.f), b = bias.get(n, 0.f);
+    for (int m = 0; m < M; m++) y.set(m * N + n, o[m] * sc + b);
   };
   for (int64_t n = n0; n < n0 + h; n++) {
     dot_rows<M, S>(w + n * K, h * K, x, K, out);
@@ -113,13 +141,13 @@ void rows_of(const W* w, const float* x, const float* scale, const float* bias, 
 }
 
 template <typename W>
-void rows(const W* w, const float* x, const float* scale, const float* bias, float* y, int64_t M, int64_t N,
+void rows(const W* w, const float* x, const Col& scale, const Col& bias, const Out& y, int64_t M, int64_t N,
           int64_t K) {
   // rows of w split across threads; x rows in groups of kMaxRows, each group one pass over the rows
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
       const float* xm = x + m0 * K;
-      float* ym = y + m0 * N;
+      const Out ym = y.at(m0 * N);
       switch (std::min<int64_t>(kMaxRows, M - m0)) {
         case 1: rows_of<1>(w, xm, scale, bias, ym, n0, n1, N, K); break;
         case 2: rows_of<2>(w, xm, scale, bias, ym, n0, n1, N, K); break;
@@ -134,31 +162,39 @@ void rows(const W* w, const float* x, const float* scale, const float* bias, flo
   });
 }
 
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_rows: x (M, K), w (N, K)");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && w.is_contiguous(), "linear_rows: CPU, w contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor xf = f32(x), y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  at::Tensor sf = scale ? f32(*scale) : at::Tensor(), bf = bias ? f32(*bias) : at::Tensor();
-  const float* sp = scale ? sf.data_ptr<float>() : nullptr;
-  const float* bp = bias ? bf.data_ptr<float>() : nullptr;
-  switch (w.scalar_type()) {
-    case at::kFloat:
-      rows(w.data_ptr<float>(), xf.data_ptr<float>(), sp, bp, y.data_ptr<float>(), M, N, K);
-      break;
-    case at::kBFloat16:
-      rows(w.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), sp, bp, y.data_ptr<float>(), M, N, K);
-      break;
-    case at::kChar:
-      rows(w.data_ptr<int8_t>(), xf.data_ptr<float>(), sp, bp, y.data_ptr<float>(), M, N, K);
-      break;
-    default:
-      TORCH_CHECK(false, "linear_rows: weights must be float32, bfloat16 or int8, not ", w.scalar_type());
+  // fp32 and bf16 activations, scales, biases and outputs are read and written as they are (no
+  // conversion ops around the kernel: a decode step makes ~120 of these calls); other dtypes convert
+  at::Tensor xf = x.scalar_type() == at::kFloat ? x.contiguous() : at::Tensor();
+  static thread_local std::vector<float> xbuf;
+  const float* xp;
+  if (xf.defined()) {
+    xp = xf.data_ptr<float>();
+  } else if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
+    xbuf.resize(M * K);
+    const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
+    for (int64_t i = 0; i < M * K; i++) xbuf[i] = to_f32(xb[i]);
+    xp = xbuf.data();
+  } else {
+    xf = x.to(at::kFloat).contiguous();
+    xp = xf.data_ptr<float>();
   }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  const bool direct = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  at::Tensor y = at::empty({M, N}, x.options().dtype(direct ? x.scalar_type() : at::kFloat));
+  const Out out = y.scalar_type() == at::kFloat ? Out{y.data_ptr<float>(), nullptr}
+                                                : Out{nullptr, y.data_ptr<c10::BFloat16>()};
+  const Col sc(scale, N, "scale"), bi(bias, N, "bias");
+  switch (w.scalar_type()) {
+    case at::kFloat: rows(w.data_ptr<float>(), xp, sc, bi, out, M, N, K); break;
+    case at::kBFloat16: rows(w.data_ptr<c10::BFloat16>(), xp, sc, bi, out, M, N, K); break;
+    case at::kChar: rows(w.data_ptr<int8_t>(), xp, sc, bi, out, M, N, K); break;
+    default: TORCH_CHECK(false, "linear_rows: weights must be float32, bfloat16 or int8, not ", w.scalar_type());
+  }
+  return direct ? y : y.to(x.scalar_type());
 }
 
 }  // namespace

@@ -52,7 +52,7 @@ def available() -> bool:
         )
     except Exception as e:  # no compiler, no ninja, an unsupported platform
         warnings.warn(
-            f"lmforge's CPU decode kernel did not build ({type(e).__name__}: {str(e)[:300]}); decoding "
+            f"lmforge's CPU decode kernel did not build ({type(e).__name__}: {_why(e)}); decoding "
             "uses PyTorch's kernels, which are slower. Install g++ (and `pip install ninja`) to get it, "
             "or set LMFORGE_KERNELS=0 to stop trying.",
             stacklevel=2,
@@ -62,6 +62,15 @@ def available() -> bool:
     global LOADED
     LOADED = True
     return True
+
+
+def _why(e: Exception) -> str:
+    """The compiler's first error line, if any (cpp_extension's message starts with the command)."""
+    lines = str(e).splitlines()
+    return next(
+        (ln.strip() for ln in lines if "error" in ln.lower() and ".cpp" in ln),
+        lines[-1][:300] if lines else "",
+    )
 
 
 def _built() -> bool:
