@@ -2,15 +2,16 @@
 decode step, with fp32, bf16 or int8 weights. Why it exists and what it reaches: rows.cpp's header.
 
 It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native`,
-through torch.utils.cpp_extension; ~15 s, once: the build is cached under
-~/.cache/torch_extensions) and registered as the operator `torch.ops.lmforge.linear_rows`, which
-torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
+through torch.utils.cpp_extension; ~15 s, once per CPU model: the build is cached under
+~/.cache/torch_extensions with the CPU in its name) and registered as the operator
+`torch.ops.lmforge.linear_rows`, which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
 False and decoding uses PyTorch's own kernels (slower; nothing else changes).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 import warnings
@@ -44,7 +45,7 @@ def available() -> bool:
         if not _built():
             print("lmforge: building the CPU decode kernel (once, ~15 s)", file=sys.stderr)
         load(
-            name="lmforge_rows",
+            name=_NAME,
             sources=[str(SRC)],
             extra_cflags=["-O3", "-march=native"],
             is_python_module=False,
@@ -73,10 +74,24 @@ def _why(e: Exception) -> str:
     )
 
 
+def _cpu_id() -> str:
+    """A short hash of this CPU's model and instruction-set flags: -march=native code must not be
+    loaded on another CPU (a home directory shared across machines shares the build cache)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    keep = [ln for ln in info if ln.startswith(("model name", "flags", "Features", "CPU part"))][:3]
+    return hashlib.sha1("\n".join(keep).encode()).hexdigest()[:10]
+
+
+_NAME = f"lmforge_rows_{_cpu_id()}"  # the build's name, hence its cache directory, is per CPU
+
+
 def _built() -> bool:
     from torch.utils.cpp_extension import _get_build_directory
 
-    return any(Path(_get_build_directory("lmforge_rows", verbose=False)).glob("*.so"))
+    return any(Path(_get_build_directory(_NAME, verbose=False)).glob("*.so"))
 
 
 def _shape(x, w, scale=None, bias=None):
