@@ -78,8 +78,10 @@ inline __m512 load16(const c10::BFloat16* w, __mmask16 m) {
 // out[s * M + m] = dot(w[s * stride : s * stride + K], x[m, 0:K]) for S weight rows `stride` apart and
 // M x rows (S, M constants, so the accumulators stay in registers). S = 2 rows far apart are two
 // independent memory streams, which one core reads ~10-20% faster than one (bench/decode.py).
+// (not inlined: inlined into the big parallel loop, GCC 12 keeps the accumulators on the stack,
+// which made the int8 loop 1.5x slower)
 template <int M, int S, typename W>
-inline void dot_rows(const W* w, int64_t stride, const float* x, int64_t K, float* out) {
+__attribute__((noinline)) void dot_rows(const W* w, int64_t stride, const float* x, int64_t K, float* out) {
   __m512 a[S][M][2];
   for (int s = 0; s < S; s++)
     for (int m = 0; m < M; m++) a[s][m][0] = a[s][m][1] = _mm512_setzero_ps();
