@@ -43,7 +43,7 @@ def _decode_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     n = x.numel() // x.shape[-1]  # rows of x
     if torch.is_grad_enabled() or x.dtype != w.dtype:
         return F.linear(x, w, self.bias)
-    if self._lmf_kernel and n <= rows.MAX_ROWS[w.dtype]:
+    if rows.LOADED and n <= rows.MAX_ROWS[w.dtype]:
         y = rows.linear_rows(x.reshape(n, x.shape[-1]), w, None, self.bias)
         return y.view(*x.shape[:-1], y.shape[-1])
     if w.dtype == torch.bfloat16 and n <= self._lmf_max_rows and _mkldnn_bf16():
@@ -59,7 +59,7 @@ def prepare(model: nn.Module, max_rows: int = 64) -> str:
     done = []
     linears = [m for m in _linears(model) if m.weight.dtype in (torch.float32, torch.bfloat16)]
     cpu = any(p.device.type == "cpu" for p in model.parameters())
-    kernel = cpu and rows.available()  # also what quantized int8 layers decode with (qlinear.py)
+    kernel = cpu and rows.available()  # builds it: the layers (and qlinear's int8 ones) check rows.LOADED
     for m in linears:
         w = m.weight
         if kernel and not w.is_contiguous():  # stored transposed by an earlier prepare without the kernel
@@ -71,7 +71,6 @@ def prepare(model: nn.Module, max_rows: int = 64) -> str:
         else:
             m._lmf_max_rows, m._lmf_version, m._lmf_packed = max_rows, None, None
             m.forward = _decode_forward.__get__(m)
-        m._lmf_kernel = kernel
     if linears:
         done.append("Linear layers on lmforge's decode kernel" if kernel else "PyTorch's decode layouts")
     if cpu and hugepages.place(model):
@@ -86,5 +85,5 @@ def restore(model: nn.Module) -> None:
             m.weight.data = m.weight.data.contiguous()
         if "forward" in m.__dict__:
             del m.forward
-        for a in ("_lmf_max_rows", "_lmf_version", "_lmf_packed", "_lmf_kernel"):
+        for a in ("_lmf_max_rows", "_lmf_version", "_lmf_packed"):
             m.__dict__.pop(a, None)

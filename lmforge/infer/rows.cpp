@@ -7,9 +7,9 @@
 // (MKL's fp32 GEMV, oneDNN's bf16, and `_weight_int8pack_mm`, which spends its time converting);
 // this kernel walks each weight row once, front to back (two rows far apart at a time, two memory
 // streams), converting 16 weights per instruction group and keeping two fp32 accumulators per row
-// so the FMA latency is hidden
-// (bench/decode.py and docs/benchmarks.md "Decode" measure both). Built by lmforge/infer/rows.py
-// with the host compiler (-O3 -march=native); without AVX-512 a plain loop the compiler vectorises.
+// so the FMA latency is hidden (bench/decode.py and docs/benchmarks.md "Decode" measure both).
+// Built by lmforge/infer/rows.py with the host compiler (-O3 -march=native); without AVX-512, a
+// plain loop the compiler vectorises.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
