@@ -104,6 +104,10 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.attn_bias)
 
+    # (q, k, v, mask, scale) -> (B, T, H, hd) for decode steps without autograd: lmforge's CPU kernel,
+    # set on models prepared for decoding (infer/packed.py); None: PyTorch's attention
+    decode_kernel = None
+
     def forward(self, x, rope, mask, is_causal, cache: KVCache | None):
         B, T, _ = x.shape
         H, KV = self.n_heads, self.n_kv
@@ -116,9 +120,14 @@ class Attention(nn.Module):
         v = qkv[:, :, H + KV :].transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
-        # static conditions first: a symbolic T (ONNX export) must not be compared unless needed
-        if x.device.type == "cpu" and x.dtype != torch.float32 and not is_causal and T <= 16:
-            y = few_query_attention(q, k, v, mask, self.hd**-0.5)  # decode: see its docstring
+        # Decode steps on CPU (a few queries over the cache): lmforge's attention kernel on models set
+        # up for decoding (infer/packed.py), else for bf16 two fp32 matmuls (see few_query_attention).
+        # Static conditions first: a symbolic T (ONNX export) must not be compared unless needed.
+        kernel = (
+            self.decode_kernel if self.decode_kernel is not None and not torch.is_grad_enabled() else None
+        )
+        if x.device.type == "cpu" and not is_causal and (kernel or x.dtype != torch.float32) and T <= 16:
+            y = (kernel or few_query_attention)(q, k, v, mask, self.hd**-0.5)  # (B, T, H, hd)
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -129,8 +138,8 @@ class Attention(nn.Module):
                 dropout_p=self.cfg.dropout if self.training else 0.0,
                 scale=self.hd**-0.5,
                 enable_gqa=self.n_kv != self.n_heads,
-            )  # (B, H, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.cfg.q_dim))
+            ).transpose(1, 2)  # (B, T, H, hd)
+        return self.wo(y.reshape(B, T, self.cfg.q_dim))
 
 
 def few_query_attention(q, k, v, mask, scale):
@@ -139,7 +148,8 @@ def few_query_attention(q, k, v, mask, scale):
     For bf16 on CPU, PyTorch's fused attention kernel is several times slower than this when T is
     small (2.3 ms vs 0.5 ms per layer at 2048 keys, 0.15 vs 0.06 ms at 128), which dominates decoding
     at long contexts; computing in fp32 is also more accurate. q (B, H, T, hd); k, v (B, KV, S, hd),
-    query head h reading key/value head h // (H / KV); mask (B, 1, T, S) bool (True = visible) or None."""
+    query head h reading key/value head h // (H / KV); mask (B, 1, T, S) bool (True = visible) or None.
+    Returns (B, T, H, hd)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     G = H // KV
@@ -147,7 +157,8 @@ def few_query_attention(q, k, v, mask, scale):
     s = torch.bmm(qg, k.reshape(B * KV, S, hd).float().transpose(1, 2)) * scale  # (B KV, G T, S)
     if mask is not None:
         s = s.view(B, KV, G, T, S).masked_fill(~mask[:, :, None], float("-inf")).view(B * KV, G * T, S)
-    return torch.bmm(s.softmax(dim=-1), v.reshape(B * KV, S, hd).float()).view(B, H, T, hd).to(q.dtype)
+    y = torch.bmm(s.softmax(dim=-1), v.reshape(B * KV, S, hd).float())  # (B KV, G T, hd)
+    return y.view(B, H, T, hd).transpose(1, 2).to(q.dtype)
 
 
 class MLP(nn.Module):

@@ -307,26 +307,6 @@ def test_a_row_idle_for_longer_than_the_context_keeps_working(family):
     assert engine.cancel(s) is True and engine.active == 0 and engine.step() == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_few_query_attention_equals_sdpa(dtype):
-    """The decode attention used for bf16 on CPU (model.few_query_attention) is SDPA's math."""
-    from lmforge.cache import make_mask
-    from lmforge.model import few_query_attention
-
-    g = torch.Generator().manual_seed(0)
-    B, H, KV, T, S, hd = 2, 6, 2, 3, 40, 16
-    q, k, v = (torch.randn(B, n, t, hd, generator=g) for n, t in ((H, T), (KV, S), (KV, S)))
-    k_pos = torch.arange(S).expand(B, S).clone()
-    k_pos[0, :5] = -1  # padding
-    mask = make_mask(torch.arange(S - T, S).expand(B, T), k_pos, 16, S - T)  # (B, 1, T, S), window 16
-    for m in (mask, None):
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=m, scale=0.25, enable_gqa=True
-        )
-        got = few_query_attention(q.to(dtype), k.to(dtype), v.to(dtype), m, 0.25).float()
-        torch.testing.assert_close(got, ref, atol=1e-5 if dtype == torch.float32 else 3e-2, rtol=0)
-
-
 def test_a_rejected_request_leaves_the_running_batch_alone():
     lm = _lm()
     engine = Engine(lm.model, max_batch=3, max_len=64)

@@ -1,5 +1,5 @@
-"""lmforge's CPU decode kernel (rows.cpp), the decode set-up of Linear layers (packed.py) and the
-weights in huge pages (hugepages.py): results against PyTorch's own products in float64."""
+"""lmforge's CPU decode kernels (rows.cpp), the decode set-up of the model (packed.py) and the
+weights in huge pages (hugepages.py): results against PyTorch's own products and attention in float64."""
 
 import re
 
@@ -98,6 +98,78 @@ def test_prepared_linear_layers_compute_the_same(monkeypatch, kernel, dtype):
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
     packed.restore(model)
     assert "forward" not in model[0].__dict__ and model[0].weight.is_contiguous()
+
+
+def _attention_case(B, H, KV, T, S, hd, window, seed):
+    """q, k, v and a mask (B, 1, T, S) with left padding in row 0 and a sliding window."""
+    from lmforge.cache import make_mask
+
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, t, hd, generator=g) for n, t in ((H, T), (KV, S), (KV, S)))
+    k_pos = torch.arange(S).expand(B, S).clone()
+    k_pos[0, : S // 4] = -1  # padding
+    mask = make_mask(torch.arange(S - T, S).expand(B, T), k_pos, window, S - T)
+    return q, k, v, mask
+
+
+def _attention_ref(q, k, v, mask, scale):
+    """SDPA in float64 from the values the implementation sees, as (B, T, H, hd)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "few_query"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "B, H, KV, T, S, hd, window",
+    [
+        (2, 6, 2, 3, 40, 16, 16),  # GQA, a sliding window, several queries
+        (1, 9, 3, 1, 192, 64, None),  # SmolLM's decode step
+        (3, 4, 4, 2, 33, 17, None),  # multi-head; a head size that is no multiple of 16
+        (1, 20, 1, 1, 50, 80, None),  # multi-query with 20 heads: three passes of <= 8 heads
+        (2, 8, 2, 16, 300, 128, 100),
+    ],
+)
+def test_decode_attention_equals_sdpa(impl, dtype, B, H, KV, T, S, hd, window):
+    """The decode attention (lmforge's kernel, or few_query_attention for bf16 without it) is SDPA's
+    math, with and without a mask, reading q through the strides of the model's fused qkv view."""
+    from lmforge.model import few_query_attention
+
+    if impl == "kernel" and not rows.available():
+        pytest.skip("the kernel did not build (no C++ compiler)")
+    attend = rows.decode_attention if impl == "kernel" else few_query_attention
+    q, k, v, mask = _attention_case(B, H, KV, T, S, hd, window, seed=H * S + hd)
+    q = torch.cat([q.transpose(1, 2), k[:, :, :T].transpose(1, 2)], 2).transpose(1, 2)[:, :H]  # strided
+    args = [t.to(dtype) for t in (q, k, v)]
+    for m in (mask, mask[:1].expand(B, -1, -1, -1).contiguous()[:1], None):
+        got = attend(*args, m, hd**-0.5)
+        ref = _attention_ref(*args, m if m is None or m.shape[0] == B else m.expand(B, -1, -1, -1), hd**-0.5)
+        assert got.dtype == dtype and got.shape == (B, T, H, hd)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output rounded once
+        torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+
+
+@needs_kernel
+def test_decode_attention_reads_only_the_visible_slots():
+    """Masked slots are skipped, not weighted by zero: NaN in them changes nothing."""
+    q, k, v, mask = _attention_case(2, 6, 2, 2, 40, 16, 16, seed=1)
+    ref = rows.decode_attention(q, k, v, mask, 0.25)
+    k[~mask[:, 0, 0:1].expand(-1, 2, -1)] = float("nan")  # every slot the first query may not see
+    v[~mask[:, 0, 0:1].expand(-1, 2, -1)] = float("nan")
+    got = rows.decode_attention(q[:, :, :1], k, v, mask[:, :, :1], 0.25)
+    assert torch.equal(got, ref[:, :1])
+
+
+@needs_kernel
+def test_decode_attention_refuses_what_it_cannot_do():
+    q, k = torch.randn(1, 6, 1, 16), torch.randn(1, 4, 8, 16)
+    with pytest.raises(RuntimeError, match="H a multiple of KV"):
+        rows.decode_attention(q, k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        rows.decode_attention(q, k[:, :3].double(), k[:, :3].double(), None, 1.0)
+    with pytest.raises(RuntimeError, match=r"mask must be bool \(B, 1, T, S\)"):
+        rows.decode_attention(q, k[:, :3], k[:, :3], torch.ones(1, 1, 1, 8), 1.0)
 
 
 def _huge_kb(t: torch.Tensor) -> int:

@@ -6,7 +6,8 @@ stays well below the machine's bandwidth (bench/decode.py measures both). `prepa
 - puts the weights in huge pages (hugepages.py), then
 - with lmforge's own kernel (rows.py, built on first use): routes each fp32/bf16 nn.Linear call
   with few rows and no autograd to `linear_rows`, which streams the row-major weight as it is
-  (no copy; every other use, prefill, training and saving, unchanged);
+  (no copy; every other use, prefill, training and saving, unchanged), and the attention of decode
+  steps (a few queries, no autograd) to `decode_attention`, which reads only the visible cache slots;
 - without it, PyTorch's faster layouts:
   - fp32: the same weight stored transposed in memory, i.e. (in, out) contiguous, turns the product
     into `x @ w_t` with a row-major right-hand side, which MKL streams much faster. `prepare` swaps
@@ -28,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.infer import hugepages, rows
+from lmforge.model import Attention
 
 
 def _mkldnn_bf16() -> bool:
@@ -73,13 +75,18 @@ def prepare(model: nn.Module, max_rows: int = 64) -> str:
             m.forward = _decode_forward.__get__(m)
     if linears:
         done.append("Linear layers on lmforge's decode kernel" if kernel else "PyTorch's decode layouts")
+    attention = [m for m in model.modules() if isinstance(m, Attention)]
+    if kernel and attention:
+        for m in attention:
+            m.decode_kernel = rows.decode_attention
+        done.append("attention on lmforge's decode kernel")
     if cpu and hugepages.place(model):
         done.append("weights in huge pages")
     return ", ".join(done)
 
 
 def restore(model: nn.Module) -> None:
-    """Undo `prepare`: row-major weights, plain nn.Linear calls, packed copies freed."""
+    """Undo `prepare`: row-major weights, plain nn.Linear calls and attention, packed copies freed."""
     for m in _linears(model):
         if not m.weight.is_contiguous():
             m.weight.data = m.weight.data.contiguous()
@@ -87,3 +94,6 @@ def restore(model: nn.Module) -> None:
             del m.forward
         for a in ("_lmf_max_rows", "_lmf_version", "_lmf_packed"):
             m.__dict__.pop(a, None)
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.__dict__.pop("decode_kernel", None)

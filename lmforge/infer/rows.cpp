@@ -16,7 +16,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -199,7 +201,212 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::opti
   return direct ? y : y.to(x.scalar_type());
 }
 
+// ---------------------------------------------------------------------------------------------------
+// lmforge::decode_attention(q, k, v, mask, scale): softmax(q k^T * scale, where mask) v for the few
+// queries of a decode step. q (B, H, T, hd); k, v (B, KV, S, hd), query head h reading key/value head
+// h / (H / KV); mask (B, 1, T, S) bool (True = visible) or None (all visible). The last dimension is
+// contiguous, the others may have any strides (views of the cache). Returns (B, T, H, hd) contiguous in
+// q's dtype: the layout the output projection reads, so no transpose copy follows.
+//
+// Why our own: a decode step's attention reads each visible key and value once, so it is a memory
+// stream too, but PyTorch's fused CPU kernel spends 2-3x that time at one query (several times more
+// in bf16), and a compiled step with a static cache (engine.py) attends over every slot of the buffer.
+// This kernel skips the masked slots entirely, so it reads only the keys in use, whatever the buffer's
+// size; each key row is read once for all the query heads that share it, and the sums are fp32.
+constexpr int kMaxGroup = 8;  // query heads per pass over a key/value head's rows (more: several passes)
+
+// scratch for one group: the queries as fp32 (G, hd), the visible slots (n,), the scores (G, n)
+struct Scratch {
+  std::vector<float> f;
+  std::vector<int32_t> idx;
+};
+
+#ifdef LMF_AVX512
+// e^x in 16 lanes (relative error ~1e-7): 2^(x log2 e) as an integer power of two (scalef) times a
+// polynomial in the fraction f, |f| <= 1/2 (Taylor series of e^(f ln 2) to degree 7)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));  // below this e^x underflows; keep scalef's exponent sane
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  const __m512 f = _mm512_fmsub_ps(x, _mm512_set1_ps(1.44269504f), n);
+  static const float c[] = {1.525273e-5f, 1.540353e-4f, 1.333356e-3f, 9.618129e-3f,
+                            5.550411e-2f, 2.402265e-1f, 6.931472e-1f, 1.f};
+  __m512 p = _mm512_set1_ps(c[0]);
+  for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
+// G (a constant: its accumulators stay in registers) query heads sharing one key/value head
+template <int G, typename E>
+void attend_heads(const float* qf, const E* k, int64_t k_ss, const E* v, int64_t v_ss, const int32_t* idx,
+                  int64_t n, int64_t hd, float scale, float* sc, const Out& y) {
+  // scores (G, n): each key row read once for the G heads, its dot products reduced at the end
+  for (int64_t i = 0; i < n; i++) {
+    const E* kr = k + idx[i] * k_ss;
+    __m512 a[G];
+    for (int j = 0; j < G; j++) a[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < hd; c += 16) {
+      const __mmask16 mk = tail(hd - c);
+      const __m512 kk = load16(kr + c, mk);
+      for (int j = 0; j < G; j++) a[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, qf + j * hd + c), kk, a[j]);
+    }
+    for (int j = 0; j < G; j++) sc[j * n + i] = _mm512_reduce_add_ps(a[j]) * scale;
+  }
+  for (int j = 0; j < G; j++) {  // softmax over the visible slots
+    float* p = sc + j * n;
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) mx = _mm512_mask_max_ps(mx, tail(n - i), mx, _mm512_maskz_loadu_ps(tail(n - i), p + i));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 mk = tail(n - i);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, p + i), m));
+      _mm512_mask_storeu_ps(p + i, mk, e);
+      sum = _mm512_mask_add_ps(sum, mk, sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t i = 0; i < n; i += 16)
+      _mm512_mask_storeu_ps(p + i, tail(n - i), _mm512_mul_ps(_mm512_maskz_loadu_ps(tail(n - i), p + i), inv));
+  }
+  // out (G, hd) = p (G, n) @ v[visible] (n, hd), 16 columns at a time (one cache line of each row); two
+  // rows at a time into separate sums (G <= 4), so that more FMA chains are in flight
+  constexpr int U = G <= 4 ? 2 : 1;
+  for (int64_t c = 0; c < hd; c += 16) {
+    const __mmask16 mk = tail(hd - c);
+    __m512 a[U][G];
+    for (int u = 0; u < U; u++)
+      for (int j = 0; j < G; j++) a[u][j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + U <= n; i += U)
+      for (int u = 0; u < U; u++) {
+        const __m512 vv = load16(v + idx[i + u] * v_ss + c, mk);
+        for (int j = 0; j < G; j++) a[u][j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[j * n + i + u]), vv, a[u][j]);
+      }
+    for (; i < n; i++) {
+      const __m512 vv = load16(v + idx[i] * v_ss + c, mk);
+      for (int j = 0; j < G; j++) a[0][j] = _mm512_fmadd_ps(_mm512_set1_ps(sc[j * n + i]), vv, a[0][j]);
+    }
+    float o[16];
+    for (int j = 0; j < G; j++) {
+      __m512 t = a[0][j];
+      for (int u = 1; u < U; u++) t = _mm512_add_ps(t, a[u][j]);
+      _mm512_storeu_ps(o, t);
+      for (int64_t l = 0; l < std::min<int64_t>(16, hd - c); l++) y.set(j * hd + c + l, o[l]);
+    }
+  }
+}
+#else
+template <int G, typename E>
+void attend_heads(const float* qf, const E* k, int64_t k_ss, const E* v, int64_t v_ss, const int32_t* idx,
+                  int64_t n, int64_t hd, float scale, float* sc, const Out& y) {
+  for (int64_t i = 0; i < n; i++)
+    for (int j = 0; j < G; j++) {
+      float a = 0.f;
+      for (int64_t c = 0; c < hd; c++) a += qf[j * hd + c] * to_f32(k[idx[i] * k_ss + c]);
+      sc[j * n + i] = a * scale;
+    }
+  for (int j = 0; j < G; j++) {
+    float* p = sc + j * n;
+    float mx = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t i = 0; i < n; i++) mx = std::max(mx, p[i]);
+    for (int64_t i = 0; i < n; i++) sum += (p[i] = std::exp(p[i] - mx));
+    for (int64_t i = 0; i < n; i++) p[i] /= sum;
+  }
+  for (int j = 0; j < G; j++)
+    for (int64_t c = 0; c < hd; c++) {
+      float a = 0.f;
+      for (int64_t i = 0; i < n; i++) a += sc[j * n + i] * to_f32(v[idx[i] * v_ss + c]);
+      y.set(j * hd + c, a);
+    }
+}
+#endif
+
+// G <= kMaxGroup query heads (q_sh apart) reading one key/value head over S slots (mask: S flags m_ss
+// apart, or none); writes their outputs (G, hd) at y
+template <typename E>
+void attend_group(const E* q, int64_t q_sh, const E* k, int64_t k_ss, const E* v, int64_t v_ss, const bool* mask,
+                  int64_t m_ss, int64_t S, int G, int64_t hd, float scale, const Out& y) {
+  static thread_local Scratch scr;
+  scr.f.resize(G * hd + G * S);
+  scr.idx.resize(S);
+  float* qf = scr.f.data();
+  int32_t* idx = scr.idx.data();
+  for (int j = 0; j < G; j++)
+    for (int64_t c = 0; c < hd; c++) qf[j * hd + c] = to_f32(q[j * q_sh + c]);
+  int64_t n = 0;  // the visible slots: the only keys and values read
+  for (int64_t s = 0; s < S; s++)
+    if (!mask || mask[s * m_ss]) idx[n++] = static_cast<int32_t>(s);
+  float* sc = qf + G * hd;
+  switch (G) {
+    case 1: attend_heads<1>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+    case 2: attend_heads<2>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+    case 3: attend_heads<3>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+    case 4: attend_heads<4>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+    case 5: attend_heads<5>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+    case 6: attend_heads<6>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+    case 7: attend_heads<7>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+    default: attend_heads<8>(qf, k, k_ss, v, v_ss, idx, n, hd, scale, sc, y); break;
+  }
+}
+
+template <typename E>
+void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& m, float scale,
+            const Out& y) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3), KV = k.size(1), S = k.size(2);
+  const int64_t G = H / KV, P = (G + kMaxGroup - 1) / kMaxGroup;  // heads per key/value head, passes
+  const E* qp = q.data_ptr<E>();
+  const E* kp = k.data_ptr<E>();
+  const E* vp = v.data_ptr<E>();
+  const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+  // one work item per (row, query, key/value head, pass): up to kMaxGroup of its query heads
+  at::parallel_for(0, B * T * KV * P, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / (T * KV * P), t = i / (KV * P) % T, g = i / P % KV, h = g * G + i % P * kMaxGroup;
+      const int Gp = static_cast<int>(std::min<int64_t>(kMaxGroup, (g + 1) * G - h));
+      const bool* mrow = mp ? mp + (m.size(0) == 1 ? 0 : b * m.stride(0)) + t * m.stride(2) : nullptr;
+      attend_group(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), q.stride(1),
+                   kp + b * k.stride(0) + g * k.stride(1), k.stride(2), vp + b * v.stride(0) + g * v.stride(1),
+                   v.stride(2), mrow, mp ? m.stride(3) : 0, S, Gp, hd, scale, y.at(((b * T + t) * H + h) * hd));
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(0) == k.size(0) &&
+                  q.size(3) == k.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0,
+              "decode_attention: q (B, H, T, hd), k and v (B, KV, S, hd) with H a multiple of KV");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "decode_attention: q, k, v all float32 or all bfloat16");
+  // the last dimension must be contiguous (the cache's is); copy otherwise
+  auto rowwise = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
+  const at::Tensor qc = rowwise(q), kc = rowwise(k), vc = rowwise(v);
+  at::Tensor m;
+  if (mask) {
+    m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == q.size(0)) &&
+                    m.size(1) == 1 && m.size(2) == q.size(2) && m.size(3) == k.size(2),
+                "decode_attention: mask must be bool (B, 1, T, S)");
+  }
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), hd = q.size(3);
+  at::Tensor y = at::empty({B, T, H, hd}, q.options());
+  const Out out = y.scalar_type() == at::kFloat ? Out{y.data_ptr<float>(), nullptr}
+                                                : Out{nullptr, y.data_ptr<c10::BFloat16>()};
+  const float sc = static_cast<float>(scale);
+  if (q.scalar_type() == at::kFloat) attend<float>(qc, kc, vc, m, sc, out);
+  else attend<c10::BFloat16>(qc, kc, vc, m, sc, out);
+  return y;
+}
+
 }  // namespace
 
-TORCH_LIBRARY(lmforge, m) { m.def("linear_rows(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor"); }
-TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("linear_rows", &linear_rows); }
+TORCH_LIBRARY(lmforge, m) {
+  m.def("linear_rows(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
+  m.impl("linear_rows", &linear_rows);
+  m.impl("decode_attention", &decode_attention);
+}

@@ -1,10 +1,11 @@
-"""lmforge's CPU decode kernel (rows.cpp): `linear_rows(x, w, scale, bias)` for the few rows of a
-decode step, with fp32, bf16 or int8 weights. Why it exists and what it reaches: rows.cpp's header.
+"""lmforge's CPU decode kernels (rows.cpp): `linear_rows(x, w, scale, bias)` for the few rows of a
+decode step, with fp32, bf16 or int8 weights, and `decode_attention(q, k, v, mask, scale)` for its few
+queries, reading only the visible keys. Why they exist and what they reach: rows.cpp's comments.
 
 It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native`,
 through torch.utils.cpp_extension; ~15 s, once per CPU model: the build is cached under
-~/.cache/torch_extensions with the CPU in its name) and registered as the operator
-`torch.ops.lmforge.linear_rows`, which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
+~/.cache/torch_extensions with the CPU in its name) and registered as the operators
+`torch.ops.lmforge.linear_rows` and `decode_attention`, which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
 False and decoding uses PyTorch's own kernels (slower; nothing else changes).
 """
 
@@ -60,6 +61,7 @@ def available() -> bool:
         )
         return False
     torch.library.register_fake("lmforge::linear_rows")(_shape)
+    torch.library.register_fake("lmforge::decode_attention")(_attention_shape)
     global LOADED
     LOADED = True
     return True
@@ -98,6 +100,17 @@ def _shape(x, w, scale=None, bias=None):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
+def _attention_shape(q, k, v, mask, scale):
+    B, H, T, hd = q.shape
+    return q.new_empty(B, T, H, hd)
+
+
 def linear_rows(x: torch.Tensor, w: torch.Tensor, scale=None, bias=None) -> torch.Tensor:
     """x (M, K) @ (w (N, K) * scale (N)[:, None])^T + bias -> (M, N) in x's dtype; fp32 accumulation."""
     return torch.ops.lmforge.linear_rows(x, w, scale, bias)
+
+
+def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, where mask) v for a few queries, reading only the visible keys.
+    q (B, H, T, hd); k, v (B, KV, S, hd); mask (B, 1, T, S) bool or None -> (B, T, H, hd) in q's dtype."""
+    return torch.ops.lmforge.decode_attention(q, k, v, mask, scale)
