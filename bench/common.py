@@ -10,7 +10,15 @@ import time
 
 from lmforge.evaluate.bench import compare, machine, matmul_peak_flops, memory_bandwidth, timeit
 
-__all__ = ["compare", "generation_speeds", "machine", "matmul_peak_flops", "memory_bandwidth", "timeit"]
+__all__ = [
+    "compare",
+    "compiled_engine",
+    "generation_speeds",
+    "machine",
+    "matmul_peak_flops",
+    "memory_bandwidth",
+    "timeit",
+]
 
 
 def generation_speeds(fns: dict, prompt_len: int, rows: int, n: int, rounds: int) -> dict:
@@ -32,3 +40,23 @@ def generation_speeds(fns: dict, prompt_len: int, rows: int, n: int, rounds: int
         k: (rows * prompt_len / t1, rows * (n - 1) / max(tn - t1, 1e-9), rows * (n - 1) / max(cn - c1, 1e-9))
         for k, (t1, tn, c1, cn) in best.items()
     }
+
+
+def compiled_engine(lm, prompt: list[int], n: int):
+    """fns(k) (as generation_speeds takes them) for one Engine with compile=True, batch 1, reused so
+    that its decode step compiles once (on the first call)."""
+    from lmforge.infer import Engine, SamplingParams, Sequence
+
+    engine = Engine(lm.model, max_batch=1, max_len=len(prompt) + n, compile=True)
+
+    def run(k):
+        def go():
+            engine.add(
+                [Sequence(list(prompt), SamplingParams(max_new_tokens=k, temperature=0, ignore_eos=True))]
+            )
+            while engine.active:
+                engine.step()
+
+        return go
+
+    return run

@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import generation_speeds, machine, memory_bandwidth  # noqa: E402
+from common import compiled_engine, generation_speeds, machine, memory_bandwidth  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.checkpoint import save_model  # noqa: E402
 from lmforge.compress.quantize import quantize  # noqa: E402
 from lmforge.config import preset  # noqa: E402
 from lmforge.export import export  # noqa: E402
-from lmforge.infer import Engine, SamplingParams, Sequence, generate  # noqa: E402
+from lmforge.infer import generate  # noqa: E402
 from lmforge.model import build  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
@@ -83,22 +83,6 @@ def _theirs(hf, ids: torch.Tensor, n: int):
 def _llama_cpp(llm, ids: torch.Tensor, n: int):
     prompt = ids[0].tolist()
     return lambda: llm.greedy(prompt, n)
-
-
-def _compiled_engine(lm, ids: torch.Tensor, n: int):
-    """fns(k) for one Engine with compile=True, reused so that its decode step compiles once."""
-    engine = Engine(lm.model, max_batch=1, max_len=ids.shape[1] + n, compile=True)
-
-    def run(k):
-        def go():
-            params = SamplingParams(max_new_tokens=k, temperature=0, ignore_eos=True)
-            engine.add([Sequence(ids[0].tolist(), params)])
-            while engine.active:
-                engine.step()
-
-        return go
-
-    return run
 
 
 def _weight_bytes(model) -> int:
@@ -205,7 +189,7 @@ def main() -> None:
         sizes = {"lmforge": _weight_bytes(lm.model), hf_name: _weight_bytes(hf)}
         if args.compile:
             t0 = time.perf_counter()
-            run = _compiled_engine(lmforge.load(path, device="cpu", **kw), prompt, n)
+            run = compiled_engine(lmforge.load(path, device="cpu", **kw), prompt[0].tolist(), n)
             run(2)()  # compiles the decode step
             compile_s[name] = time.perf_counter() - t0
             fns["lmforge compiled"], sizes["lmforge compiled"] = run, sizes["lmforge"]

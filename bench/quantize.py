@@ -4,7 +4,8 @@ kernel each quantized layer runs on.
 Part 1, on a trained checkpoint: the variants are written with `lmforge.compress.quantize`, evaluated
 on the validation split of --eval-data (same documents, same token budget) and decoded at batch 1
 through the inference engine (greedy; each variant timed as generate(N) - generate(1), contestants
-alternating, best of --rounds, so other load on the machine hits all alike).
+alternating, best of --rounds, so other load on the machine hits all alike); with --compile also
+through each variant's compiled decode step (Engine(compile=True), as `--compile on` runs it).
 Part 2, the kernels at this model's decode shapes (batch 1): fp32 and bf16 F.linear, the int8/int4
 kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) and dequantizing on the fly.
 Speed at a larger shape against transformers and llama.cpp: bench/decode.py (--dtypes int8,int4).
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare, generation_speeds, machine  # noqa: E402
+from common import compare, compiled_engine, generation_speeds, machine  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.compress.qlinear import QuantLinear  # noqa: E402
@@ -83,9 +84,14 @@ def part1(args, out: Path) -> list[dict]:
     prompt = torch.randint(0, lms["fp32"].config.vocab_size, (16,), generator=g).tolist()
     fns = {k: ours(lm, prompt) for k, lm in lms.items()}
     speed = {k: v[1] for k, v in generation_speeds(fns, len(prompt), 1, args.new_tokens, args.rounds).items()}
+    if args.compile:  # the compiled decode step of each variant (compiles once each, first)
+        fns = {k: compiled_engine(lm, prompt, args.new_tokens) for k, lm in lms.items()}
+        got = generation_speeds(fns, len(prompt), 1, args.new_tokens, args.rounds)
+        speed.update({f"{k} compiled": v[1] for k, v in got.items()})
     fp = rows[0]
     for r in rows:
         r["decode_tok_s"] = speed[r["variant"]]
+        r["compiled_tok_s"] = speed.get(f"{r['variant']} compiled")
         r["size_ratio"] = r["model_bytes"] / fp["model_bytes"]
         r["bpb_change_pct"] = 100 * (r["bpb"] / fp["bpb"] - 1)
     return rows
@@ -145,6 +151,11 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per timing")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (best kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time each variant's torch.compile'd decode step (a minute or more to compile each)",
+    )
     ap.add_argument("--out", default=None, help="directory for the variants and results.json (default: temp)")
     ap.add_argument(
         "--smoke",
@@ -166,9 +177,19 @@ def main() -> None:
     )
     rows = part1(args, out)
     res["variants"] = rows
+    compiled = ["compiled tok/s", "x fp32"] if args.compile else []
     print(
         format_table(
-            ["variant", "model.safetensors", "x fp32", "bits/byte", "change", "decode tok/s", "x fp32"],
+            [
+                "variant",
+                "model.safetensors",
+                "x fp32",
+                "bits/byte",
+                "change",
+                "decode tok/s",
+                "x fp32",
+                *compiled,
+            ],
             [
                 [
                     r["variant"],
@@ -178,6 +199,14 @@ def main() -> None:
                     f"{r['bpb_change_pct']:+.2f}%",
                     f"{r['decode_tok_s']:.1f}",
                     f"{r['decode_tok_s'] / rows[0]['decode_tok_s']:.2f}",
+                    *(
+                        [
+                            f"{r['compiled_tok_s']:.1f}",
+                            f"{r['compiled_tok_s'] / rows[0]['compiled_tok_s']:.2f}",
+                        ]
+                        if args.compile
+                        else []
+                    ),
                 ]
                 for r in rows
             ],

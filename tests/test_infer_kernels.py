@@ -32,7 +32,8 @@ def test_linear_rows_equals_the_product(wdtype, M, K):
     scale = bias = None
     if wdtype == torch.int8:
         w = torch.randint(-127, 128, (N, K), generator=g).to(torch.int8)
-        scale = (torch.rand(N, generator=g) / 100).to(torch.bfloat16)  # stored bf16, as QuantLinear does
+        # stored bf16, as QuantLinear does (or fp32, which the kernel reads as it is too)
+        scale = (torch.rand(N, generator=g) / 100).to(torch.bfloat16 if K % 2 else torch.float32)
         bias = torch.randn(N, generator=g)
     else:
         w = w.to(wdtype)

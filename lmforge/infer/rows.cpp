@@ -7,7 +7,8 @@
 // (MKL's fp32 GEMV, oneDNN's bf16, and `_weight_int8pack_mm`, which spends its time converting);
 // this kernel walks each weight row once, front to back (two rows far apart at a time, two memory
 // streams), converting 16 weights per instruction group and keeping two fp32 accumulators per row
-// so the FMA latency is hidden (bench/decode.py and docs/benchmarks.md "Decode" measure both).
+// so the FMA latency is hidden (bench/decode.py and docs/benchmarks.md "Decode" measure both). Short
+// rows (a small model's layers) go 16 at a time instead, their sums reduced and stored together.
 // Built by lmforge/infer/rows.py with the host compiler (-O3 -march=native); without AVX-512, a
 // plain loop the compiler vectorises.
 #include <ATen/Parallel.h>
@@ -53,6 +54,9 @@ struct Col {
     else b = keep.data_ptr<c10::BFloat16>();
   }
   float get(int64_t n, float absent) const { return f ? f[n] : b ? to_f32(b[n]) : absent; }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  inline __m512 get16(int64_t n, float absent) const;
+#endif
 };
 
 // the output, fp32 or bf16 (rounded once, from the fp32 sum)
@@ -64,6 +68,17 @@ struct Out {
     if (f) f[i] = v;
     else b[i] = c10::BFloat16(v);
   }
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  void set16(int64_t i, __m512 v) const {
+    if (f) {
+      _mm512_storeu_ps(f + i, v);
+      return;
+    }
+    alignas(64) float o[16];
+    _mm512_store_ps(o, v);
+    for (int l = 0; l < 16; l++) b[i + l] = c10::BFloat16(o[l]);
+  }
+#endif
 };
 
 #ifdef LMF_AVX512
@@ -75,6 +90,48 @@ inline __m512 load16(const int8_t* w, __mmask16 m) {
 inline __m512 load16(const c10::BFloat16* w, __mmask16 m) {
   __m512i u = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w));
   return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));  // bf16 is the top half of an fp32
+}
+
+inline __m512 Col::get16(int64_t n, float absent) const {
+  return f ? _mm512_loadu_ps(f + n) : b ? load16(b + n, 0xFFFF) : _mm512_set1_ps(absent);
+}
+
+// lane i = the sum of a[i]'s 16 lanes, for i < 16: a transposing tree of ~45 instructions where 16
+// separate reductions take ~130
+inline __m512 sum16(const __m512* a) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; i++)  // per 128-bit lane L: a[2i] and a[2i+1]'s elements (0+2, 1+3) of L
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {  // per 128-bit lane L: the sums of L in a[4i..4i+3]
+    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * i]), _mm512_castps_pd(b[2 * i + 1]));
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  // the four 128-bit lanes of each c[i] summed, c[i] landing in lane i: a[4i..4i+3] in order
+  __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+  __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, 0x88), _mm512_shuffle_f32x4(d0, d1, 0xDD));
+}
+
+// Short weight rows (K <= kShortK) and one x row: 16 consecutive rows at a time (one memory stream),
+// their sums reduced together and scaled, biased and stored as one vector. Row by row, the reduction and
+// the scalar epilogue would cost more than the row's own products (e.g. a small model's output layer).
+constexpr int64_t kShortK = 256;
+
+template <typename W>
+void short_rows(const W* w, const float* x, const Col& scale, const Col& bias, const Out& y, int64_t n0, int64_t N,
+                int64_t K) {
+  for (int64_t n = n0; n + 16 <= N; n += 16) {
+    __m512 a[16];
+    for (int r = 0; r < 16; r++) a[r] = _mm512_setzero_ps();
+    const W* wn = w + n * K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
+      for (int r = 0; r < 16; r++) a[r] = _mm512_fmadd_ps(load16(wn + r * K + k, mk), xv, a[r]);
+    }
+    y.set16(n, _mm512_fmadd_ps(sum16(a), scale.get16(n, 1.f), bias.get16(n, 0.f)));
+  }
 }
 
 // out[s * M + m] = dot(w[s * stride : s * stride + K], x[m, 0:K]) for S weight rows `stride` apart and
@@ -127,6 +184,12 @@ inline void dot_rows(const W* w, int64_t stride, const float* x, int64_t K, floa
 template <int M, typename W>
 void rows_of(const W* w, const float* x, const Col& scale, const Col& bias, const Out& y, int64_t n0, int64_t n1,
              int64_t N, int64_t K) {
+#ifdef LMF_AVX512
+  if (M == 1 && K <= kShortK) {
+    short_rows(w, x, scale, bias, y, n0, n1, K);
+    n0 += (n1 - n0) / 16 * 16;  // the rows left over go the general way
+  }
+#endif
   constexpr int S = M == 1 ? 2 : 1;
   const int64_t h = (n1 - n0) / S;
   float out[S * M];
