@@ -177,6 +177,28 @@ def test_family_exports_match(tmp_path, family, overrides):
     assert generate(out, prompt, 12) == torch_greedy(model, prompt, 12)
 
 
+def test_a_model_used_for_generation_exports(llama, tmp_path):
+    """Generating prepares the model for CPU decoding (lmforge's kernels); exporting it afterwards
+    traces PyTorch's attention instead, matches (export checks the logits) and leaves the kernels set."""
+    import lmforge
+    from lmforge.infer import rows
+    from lmforge.model import Attention
+
+    lm = lmforge.load(llama[2], device="cpu")
+    lm.generate("hello", max_new_tokens=3, temperature=0)
+    attn = [m for m in lm.model.modules() if isinstance(m, Attention)]
+    kernel = attn[0].decode_kernel
+    assert (kernel is not None) == rows.available()
+    from lmforge.export.onnx import export_onnx
+
+    out = export_onnx(lm, tmp_path / "onnx", with_cache=True)
+    ids, mask = padded(lm.config, [12, 7], seed=3)
+    with torch.no_grad():
+        ref = lm.model(ids, attention_mask=mask)
+    assert_logits_close(run_with_past(out, ids, mask, split=4, step=2), ref, mask)
+    assert all(m.decode_kernel is kernel for m in attn)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="does not exist"):

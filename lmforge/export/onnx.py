@@ -65,11 +65,17 @@ def _dense_moe_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def traceable(model: nn.Module):
-    """Swap the parts of `model` a static graph cannot hold for equivalent ones (MoE: dense experts),
+    """Swap the parts of `model` a static graph cannot hold for equivalent ones (MoE: dense experts;
+    PyTorch's attention for lmforge's CPU decode kernel, set when the model was used for generation),
     in eval mode; the model is restored afterwards."""
-    from lmforge.model import MoE
+    from lmforge.model import Attention, MoE
 
     swapped = [m for m in model.modules() if isinstance(m, MoE)]
+    kernels = {
+        m: m.__dict__.pop("decode_kernel")
+        for m in model.modules()
+        if isinstance(m, Attention) and "decode_kernel" in m.__dict__
+    }
     training = model.training
     model.eval()  # no dropout in the graph
     for m in swapped:
@@ -79,6 +85,8 @@ def traceable(model: nn.Module):
     finally:
         for m in swapped:
             del m.forward
+        for m, k in kernels.items():
+            m.decode_kernel = k
         model.train(training)
 
 
