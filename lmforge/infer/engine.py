@@ -116,12 +116,12 @@ class Engine:
         # On CPU the compiled step calls lmforge's decode kernel like the eager one (packed.py). Without
         # the kernel, fp32 keeps the transposed weight storage (inductor's matmuls read it as it is) and
         # bf16 lets inductor's freezing pack the weights for oneDNN instead.
-        freeze = False
-        if self.device.type == "cpu" and cpu_pack:
+        cpu = self.device.type == "cpu"
+        freeze = cpu and compile and not rows.available() and model.tok_emb.weight.dtype != torch.float32
+        if freeze:
+            packed.restore(model)  # an earlier engine's set-up: freezing packs the weights itself
+        elif cpu and cpu_pack:
             packed.prepare(model, max_rows=max_batch)
-            if compile and not rows.LOADED and model.tok_emb.weight.dtype != torch.float32:
-                packed.restore(model)
-                freeze = True
         self._step_fn = None
         if compile:
             self._static = _StaticStep(self.cache)

@@ -54,7 +54,7 @@ struct Col {
     else b = keep.data_ptr<c10::BFloat16>();
   }
   float get(int64_t n, float absent) const { return f ? f[n] : b ? to_f32(b[n]) : absent; }
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#ifdef LMF_AVX512
   inline __m512 get16(int64_t n, float absent) const;
 #endif
 };
@@ -68,7 +68,7 @@ struct Out {
     if (f) f[i] = v;
     else b[i] = c10::BFloat16(v);
   }
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#ifdef LMF_AVX512
   void set16(int64_t i, __m512 v) const {
     if (f) {
       _mm512_storeu_ps(f + i, v);
@@ -82,6 +82,9 @@ struct Out {
 };
 
 #ifdef LMF_AVX512
+// the first `left` of 16 lanes (all 16 when left >= 16): the mask of a row's last, partial chunk
+inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
+
 // 16 weights from w (the first `n` of them: n < 16 only at the end of a row) as fp32 lanes
 inline __m512 load16(const float* w, __mmask16 m) { return _mm512_maskz_loadu_ps(m, w); }
 inline __m512 load16(const int8_t* w, __mmask16 m) {
@@ -126,7 +129,7 @@ void short_rows(const W* w, const float* x, const Col& scale, const Col& bias, c
     for (int r = 0; r < 16; r++) a[r] = _mm512_setzero_ps();
     const W* wn = w + n * K;
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 mk = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __mmask16 mk = tail(K - k);
       const __m512 xv = _mm512_maskz_loadu_ps(mk, x + k);
       for (int r = 0; r < 16; r++) a[r] = _mm512_fmadd_ps(load16(wn + r * K + k, mk), xv, a[r]);
     }
@@ -154,7 +157,7 @@ __attribute__((noinline)) void dot_rows(const W* w, int64_t stride, const float*
       }
     }
   for (; k < K; k += 16) {
-    __mmask16 mk = K - k >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __mmask16 mk = tail(K - k);
     for (int s = 0; s < S; s++) {
       __m512 w0 = load16(w + s * stride + k, mk);
       for (int m = 0; m < M; m++)
@@ -297,8 +300,6 @@ inline __m512 exp16(__m512 x) {
   for (int i = 1; i < 8; i++) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[i]));
   return _mm512_scalef_ps(p, n);
 }
-
-inline __mmask16 tail(int64_t left) { return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1); }
 
 // G (a constant: its accumulators stay in registers) query heads sharing one key/value head
 template <int G, typename E>
