@@ -10,6 +10,13 @@ prints requests/s, output tokens/s (usage counts over wall time), time to first 
 latency (the gap between streamed chunks; one token each, except a token that completes no character)
 at p50/p99, and failures (non-200, broken streams, wrong token counts).
 
+--features measures what the application features cost or save instead, on a model with a 2048-token
+context (built once into runs/bench-serve-features), alternating the contestants request by request:
+- structured output: ms per generated token of a JSON-schema-constrained request (a string that never
+  closes within --max-tokens, so both generate the same number of tokens) against a free one;
+- prefix caching: time to first token of requests sharing a 1,000-token system prompt (each with its own
+  question) on a server with the prefix cache against one started with --no-prefix-cache.
+
 Without --url it starts `python -m lmforge serve` on 127.0.0.1 on --checkpoint, by default
 runs/quickstart/final, or, when that does not exist, a `preset("llama", "tiny")` model with random
 weights and a 4096-token BPE trained on python-docs (built once into runs/bench-serve-tiny). The
@@ -64,7 +71,103 @@ def tiny_checkpoint(out: Path) -> Path:
     return out
 
 
-def start_server(ckpt: Path, max_batch: int, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+def features_checkpoint(out: Path) -> Path:
+    """preset("llama", "tiny") with a 2048-token context and random weights, a 1024-token BPE; built once."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+
+    from lmforge.checkpoint import save_model
+    from lmforge.config import preset
+    from lmforge.model import build
+    from lmforge.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([p * 20 for p in PROMPTS] + [SYSTEM] * 5, 1024)
+    cfg = preset("llama", "tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                 max_seq_len=2048)  # fmt: skip
+    torch.manual_seed(0)
+    save_model(build(cfg).eval(), out, tokenizer=tok)
+    return out
+
+
+SYSTEM = " ".join(
+    f"Rule {i}: answer in plain words, cite the {w} section, keep the {v} short and never guess."
+    for i, (w, v) in enumerate(
+        zip(["first", "second", "third", "last"] * 40, ["reply", "list", "code", "note"] * 40)
+    )
+)
+
+
+def _post(url: str, body: dict) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+    r.raise_for_status()
+    return time.perf_counter() - t0, r.json()
+
+
+def _ttft(url: str, body: dict) -> float:
+    t0 = time.perf_counter()
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=300) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]}")
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                return time.perf_counter() - t0
+    raise RuntimeError("no chunk")
+
+
+def features(a) -> None:
+    ckpt = features_checkpoint(ROOT / "runs/bench-serve-features")
+    log = Path(a.log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with_cache, url = start_server(ckpt, 4, a.threads, log)
+    without, url_nc = start_server(ckpt, 4, a.threads, log.with_suffix(".nocache.log"), "--no-prefix-cache")
+    try:
+        from lmforge.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(ckpt)
+        system = tok.decode(tok.encode(SYSTEM, bos=False, eos=False)[:1000])  # a 1,000-token system prompt
+        n_sys = len(tok.encode_prompt(system))
+        # structured output: the same number of tokens, constrained or not
+        schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+        free = {"prompt": "JSON:", "max_tokens": a.max_tokens, "ignore_eos": True, "temperature": 0.8}
+        constrained = {
+            **free,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+        }
+        for body in (free, constrained):
+            _post(url, {**body, "seed": 0})  # warm-up (the grammar's tokenizer is built once)
+        per_tok = {"free": [], "json_schema": []}
+        for i in range(a.rounds * 4):
+            for name, body in (("free", free), ("json_schema", constrained))[:: 1 if i % 2 else -1]:
+                dt, out = _post(url, {**body, "seed": i})
+                per_tok[name].append(1000 * dt / out["usage"]["completion_tokens"])
+        # prefix cache: a shared 1,000-token system prompt, a new question each time
+        ttft = {"prefix cache": [], "no prefix cache": []}
+        for u in (url, url_nc):
+            _ttft(u, {"prompt": system + " Question: warm-up?", "max_tokens": 1})
+        for i in range(a.rounds * 4):
+            body = {"prompt": f"{system} Question {i}: what does rule {i % 7} say?", "max_tokens": 4}
+            for name, u in (("prefix cache", url), ("no prefix cache", url_nc))[:: 1 if i % 2 else -1]:
+                ttft[name].append(1000 * _ttft(u, body))
+    finally:
+        for proc in (with_cache, without):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    f, c = pct(per_tok["free"], 50), pct(per_tok["json_schema"], 50)
+    p, n = pct(ttft["prefix cache"], 50), pct(ttft["no prefix cache"], 50)
+    print(f"machine: {os.cpu_count()}-core CPU ({platform.machine()}), load average {os.getloadavg()[0]:.1f}; "
+          f"{ckpt.name}: preset llama tiny, 2048 context; {a.rounds * 4} alternating requests per contestant")  # fmt: skip
+    print("| measurement | anchor | contestant | ratio |\n|---|---|---|---|")
+    print(f"| ms per token, {a.max_tokens} tokens (p50) | free {f:.2f} | json_schema {c:.2f} | {c / f:.2f}x "
+          f"(+{c - f:.2f} ms/token) |")  # fmt: skip
+    print(f"| TTFT, {n_sys}-token shared system prompt (p50 ms) | no prefix cache {n:.0f} | prefix cache {p:.0f} "
+          f"| {n / p:.1f}x faster |")  # fmt: skip
+
+
+def start_server(
+    ckpt: Path, max_batch: int, threads: int, log: Path, *extra: str
+) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -88,6 +191,7 @@ def start_server(ckpt: Path, max_batch: int, threads: int, log: Path) -> tuple[s
         "cpu",
         "--log-level",
         "warning",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
@@ -246,11 +350,18 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=300, help="stop sending in a level after this long")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument(
+        "--features",
+        action="store_true",
+        help="measure structured-output overhead per token and the prefix cache's TTFT gain instead",
+    )
+    ap.add_argument(
         "--log",
         default=str(ROOT / "runs/bench-serve.log"),
         help="the started server's output (default: %(default)s)",
     )
     a = ap.parse_args()
+    if a.features:
+        return features(a)
     levels = [int(c) for c in a.clients.split(",") if c.strip()]
     if a.rounds * sum(levels) > 1000:
         sys.exit("at most 1000 requests in all: lower --rounds or the --clients levels")

@@ -8,7 +8,10 @@ Rows that join later (continuous batching) simply have -1 in the slots before th
 Masks are built once per forward pass from `key_pos` (the position held by each slot) and shared by
 all layers: a query at position p sees a key at position q iff 0 <= q <= p (and p - q < window).
 
-Sliding-window models keep only the last `window` slots per layer (a ring: slot s lives at s % window).
+Models whose every layer slides (Mistral) keep only the last `window` slots per layer (a ring: slot s
+lives at s % window). Models that mix sliding and full layers (Gemma 2/3, Qwen2 with layer_types) keep
+every slot for every layer: the full layers need them, and `window_mask(window)` gives the sliding
+layers their own mask over the same slots.
 A decode step writes first and attends to the ring; a multi-token chunk attends to ring + new keys
 (one concatenation per prefill, never per decode step) and then writes its last `window` tokens.
 """
@@ -64,7 +67,7 @@ class KVCache:
                 f"KV cache of {max_len} tokens exceeds the model's context of {config.max_seq_len}"
             )
         self.batch_size, self.max_len = batch_size, max_len
-        self.window = config.sliding_window
+        self.window = config.cache_window  # shared by every layer, else None (see window_mask)
         # ring=False keeps every slot even for sliding windows (masks still apply the window), so that
         # slots can be rolled back (speculative decoding).
         self.ring = ring and self.window is not None and self.window < max_len
@@ -73,10 +76,14 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.key_pos = torch.full((batch_size, size), -1, dtype=torch.long, device=device)
+        # token id in each slot: written only for LongRoPE models, which recompute the cache once a
+        # sequence grows past their pretraining length (see Transformer.forward)
+        self.ids = torch.zeros((batch_size, size), dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # per-row position counter
         self.length = 0  # slots written so far (shared by all rows)
         self.has_holes = False  # some written slot holds no token (padding, or a row that joined late)
         self._chunk = None  # how the current forward pass writes: set by prepare(), used by update()
+        self._last = None  # (positions, first slot) of the current chunk, for window_mask
 
     def reset(self) -> None:
         self.key_pos.fill_(-1)
@@ -115,6 +122,7 @@ class KVCache:
         else:
             self.next_pos += T
         self.length = L + T
+        self._last = (pos, L)
         if not self.ring:
             self.key_pos[:, L : L + T] = new_kpos
             self._chunk = ("slice", L, T)
@@ -138,6 +146,14 @@ class KVCache:
         self._chunk = ("ringT", torch.arange(L + T - keep, L + T, device=self.key_pos.device) % W, T)
         self.key_pos[:, self._chunk[1]] = new_kpos[:, T - keep :]
         return pos, mask, False
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """The mask (B, 1, T, L + T) of the current chunk for layers sliding over `window` tokens, in a
+        cache whose own mask (prepare) is the full layers' (mixed layer kinds never ring)."""
+        if self.ring:
+            raise ValueError("window_mask is for caches without a ring buffer")
+        pos, L = self._last
+        return make_mask(pos, self.key_pos[:, : self.length], window, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this chunk's k, v (B, KV, T, hd) for `layer`; return the keys/values to attend to."""

@@ -1,12 +1,10 @@
 """Checkpoints are Hugging Face model directories.
 
 config.json (the family's HF schema), model.safetensors (HF tensor names), generation_config.json,
-and the tokenizer files when there is a tokenizer. Loading accepts any local HF directory of the six
-families: single or sharded safetensors, or pytorch_model.bin read with weights_only=True.
+and the tokenizer files when there is a tokenizer. Loading accepts any local HF directory of the
+families lmforge reads: single or sharded safetensors, or pytorch_model.bin read with weights_only=True.
 
-Our parameters differ from HF's in three ways, all handled by `_layout`:
-  fused projections (wqkv = [q; k; v], w_in = [gate; up]), GPT-style Conv1D weights stored (in, out),
-  and Mixtral experts stacked as (E, ...) tensors.
+Tensor names and transforms (fused projections, Conv1D weights, stacked experts) come from lmforge/hf.py.
 """
 
 from __future__ import annotations
@@ -19,134 +17,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, switches
+from lmforge.hf import IGNORED_SUFFIXES, from_hf_state_dict, layout, name_aliases, to_hf_state_dict
 from lmforge.utils import UserError, atomic_dir, dir_size, human_bytes, human_count
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-# Buffers some HF checkpoints carry that are not weights (GPT-2's causal mask, RoPE caches).
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
-
-
-def _layout(cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
-    """(our name, HF names, how) for every tensor. how: same | T (transpose) | cat (stack rows) |
-    experts_in / experts_out (per-expert HF tensors stacked into one (E, ...) parameter)."""
-    rows: list[tuple[str, list[str], str]] = []
-    L = cfg.n_layers
-    if cfg.family in ("gpt", "gpt2"):
-        p = "transformer."
-        emb, pos = ("tokens_embed", "positions_embed") if cfg.family == "gpt" else ("wte", "wpe")
-        rows += [
-            ("tok_emb.weight", [p + emb + ".weight"], "same"),
-            ("pos_emb.weight", [p + pos + ".weight"], "same"),
-        ]
-        for i in range(L):
-            h, b = f"{p}h.{i}.", f"blocks.{i}."
-            for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-                rows += [(f"{b}{ours}.{w}", [f"{h}{theirs}.{w}"], "same") for w in ("weight", "bias")]
-            for ours, theirs in (
-                ("attn.wqkv", "attn.c_attn"),
-                ("attn.wo", "attn.c_proj"),
-                ("mlp.w_in", "mlp.c_fc"),
-                ("mlp.w_out", "mlp.c_proj"),
-            ):
-                rows += [
-                    (f"{b}{ours}.weight", [f"{h}{theirs}.weight"], "T"),
-                    (f"{b}{ours}.bias", [f"{h}{theirs}.bias"], "same"),
-                ]
-        if cfg.final_norm:
-            rows += [(f"norm.{w}", [f"{p}ln_f.{w}"], "same") for w in ("weight", "bias")]
-    else:
-        for i in range(L):
-            h, b = f"model.layers.{i}.", f"blocks.{i}."
-            rows += [
-                (f"{b}attn_norm.weight", [f"{h}input_layernorm.weight"], "same"),
-                (f"{b}mlp_norm.weight", [f"{h}post_attention_layernorm.weight"], "same"),
-            ]
-            a = f"{h}self_attn."
-            for w in ("weight", "bias") if cfg.attn_bias else ("weight",):
-                rows += [
-                    (f"{b}attn.wqkv.{w}", [f"{a}q_proj.{w}", f"{a}k_proj.{w}", f"{a}v_proj.{w}"], "cat"),
-                    (f"{b}attn.wo.{w}", [f"{a}o_proj.{w}"], "same"),
-                ]
-            if cfg.n_experts:
-                m = f"{h}block_sparse_moe."
-                rows += [
-                    (f"{b}mlp.router.weight", [f"{m}gate.weight"], "same"),
-                    (
-                        f"{b}mlp.w_in",
-                        [f"{m}experts.{e}.{w}.weight" for e in range(cfg.n_experts) for w in ("w1", "w3")],
-                        "experts_in",
-                    ),
-                    (
-                        f"{b}mlp.w_out",
-                        [f"{m}experts.{e}.w2.weight" for e in range(cfg.n_experts)],
-                        "experts_out",
-                    ),
-                ]
-            else:
-                m = f"{h}mlp."
-                for w in ("weight", "bias") if cfg.mlp_bias else ("weight",):
-                    rows += [
-                        (f"{b}mlp.w_in.{w}", [f"{m}gate_proj.{w}", f"{m}up_proj.{w}"], "cat"),
-                        (f"{b}mlp.w_out.{w}", [f"{m}down_proj.{w}"], "same"),
-                    ]
-        rows += [
-            ("tok_emb.weight", ["model.embed_tokens.weight"], "same"),
-            ("norm.weight", ["model.norm.weight"], "same"),
-        ]
-    if not cfg.tie_embeddings:
-        rows.append(("lm_head.weight", ["lm_head.weight"], "same"))
-    return rows
-
-
-def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our parameters under HF names and layouts (contiguous, ready for safetensors)."""
-    cfg, sd = model.config, model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for ours, theirs, how in _layout(cfg):
-        t = sd[ours].detach()
-        if how == "same":
-            out[theirs[0]] = t
-        elif how == "T":
-            out[theirs[0]] = t.t()
-        elif how == "cat":
-            sizes = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim] if len(theirs) == 3 else [cfg.d_ff, cfg.d_ff]
-            out.update(zip(theirs, t.split(sizes, dim=0)))
-        elif how == "experts_in":  # (E, 2 ff, d) -> w1 (gate), w3 (up) per expert
-            for e in range(cfg.n_experts):
-                out[theirs[2 * e]], out[theirs[2 * e + 1]] = t[e].split([cfg.d_ff, cfg.d_ff], dim=0)
-        elif how == "experts_out":
-            out.update((theirs[e], t[e]) for e in range(cfg.n_experts))
-    return {k: v.contiguous() for k, v in out.items()}
-
-
-def from_hf_state_dict(cfg: ModelConfig, get, source: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Our state dict from HF tensors; get(name) returns a tensor or None when absent."""
-    out: dict[str, torch.Tensor] = {}
-    missing = []
-    for ours, theirs, how in _layout(cfg):
-        ts = [get(n) for n in theirs]
-        gone = [n for n, t in zip(theirs, ts) if t is None]
-        if gone:
-            missing += gone
-            continue
-        if how == "same":
-            out[ours] = ts[0]
-        elif how == "T":
-            out[ours] = ts[0].t()
-        elif how == "cat":
-            out[ours] = torch.cat(ts, dim=0)
-        elif how == "experts_in":
-            out[ours] = torch.stack([torch.cat(ts[2 * e : 2 * e + 2], 0) for e in range(cfg.n_experts)])
-        elif how == "experts_out":
-            out[ours] = torch.stack(ts)
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise UserError(
-            f"{source}: missing tensor(s) {', '.join(missing[:5])}{more}; "
-            "the weights do not match config.json"
-        )
-    return out
+_IGNORED_SUFFIXES = IGNORED_SUFFIXES
+_layout = layout  # the HF layout moved to lmforge/hf.py; this name stays for older callers
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -155,6 +32,7 @@ class _TensorFiles:
 
     def __init__(self, path: Path):
         self.path, self.where, self.handles, self.loaded = path, {}, {}, {}
+        self.stored: dict[str, str] = {}  # canonical HF name -> the name in the file, where they differ
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if single.exists():
@@ -195,6 +73,18 @@ class _TensorFiles:
     def names(self) -> set[str]:
         return set(self.where)
 
+    def alias(self, cfg: ModelConfig) -> None:
+        """Read tensors stored under another spelling of their HF name (hf.name_aliases: GPT-2 as the
+        hub ships it) under the canonical name."""
+        for _, theirs, _ in layout(cfg):
+            for n in theirs:
+                for alt in name_aliases(cfg, n) if n not in self.where else ():
+                    if alt in self.where:
+                        self.where[n] = self.where.pop(alt)
+                        self.stored[n] = alt
+                        if alt in self.loaded:
+                            self.loaded[n] = self.loaded.pop(alt)
+
     def get(self, name: str):
         if name in self.loaded:
             return self.loaded[name]
@@ -202,7 +92,7 @@ class _TensorFiles:
         if f is None:
             return None
         try:
-            return self.handles[f].get_tensor(name)
+            return self.handles[f].get_tensor(self.stored.get(name, name))
         except (SafetensorError, OSError, RuntimeError) as e:
             raise UserError(
                 f"{f}: tensor {name} cannot be read, the file is corrupt or truncated ({e})"
@@ -235,6 +125,7 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None 
     path = Path(path)
     cfg = read_config(path)
     files = _TensorFiles(path)
+    files.alias(cfg)
     if cfg.extra.get("quantization_config"):  # integer weights + scales (lmforge quantize)
         from lmforge.compress.qlinear import load_quantized
 
@@ -287,7 +178,7 @@ def save_model(
         k: v
         for k, v in (
             ("bos_token_id", cfg.bos_token_id),
-            ("eos_token_id", cfg.eos_token_id),
+            ("eos_token_id", cfg.extra.get("eos_token_id", cfg.eos_token_id)),  # a list stays a list
             ("pad_token_id", cfg.pad_token_id),
         )
         if v is not None
@@ -314,6 +205,7 @@ def describe(path: str | os.PathLike) -> dict:
     return {
         "path": str(path),
         "family": f"{cfg.family} (HF model_type {cfg.to_hf()['model_type']})",
+        "architecture": switches(cfg),
         "parameters": f"{human_count(cfg.n_params())} ({cfg.n_params():,})",
         "size_on_disk": human_bytes(dir_size(path)),
         "dtype": ", ".join(dtypes),

@@ -60,10 +60,15 @@ def _cmd_info(sub) -> None:
     p = _parser(
         sub,
         "info",
-        "describe a checkpoint: family, parameters, size, dtype, context, config",
-        ["lmforge info runs/quickstart/final", "lmforge info ./my-hf-llama --json"],
+        "describe a checkpoint: family, architecture switches, parameters, size, dtype, context, config; "
+        "without a checkpoint, the families lmforge reads and what each switches on",
+        ["lmforge info runs/quickstart/final", "lmforge info ./my-hf-llama --json", "lmforge info"],
     )
-    _add_checkpoint(p)
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        help="an lmforge or Hugging Face model directory (omit it to list the families)",
+    )
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(func=_run_info)
 
@@ -73,6 +78,16 @@ def _run_info(a) -> None:
 
     from lmforge.checkpoint import describe
 
+    if a.checkpoint is None:
+        from lmforge.config import FAMILIES, HF_MODEL_TYPE, switches
+
+        rows = {f: {"model_type": HF_MODEL_TYPE[f], "switches": switches(f)} for f in FAMILIES}
+        if a.json:
+            print(json.dumps(rows, indent=2))
+            return
+        for f, r in rows.items():
+            print(f"{f:>8} [{r['model_type']}]: {r['switches']}")
+        return
     d = describe(a.checkpoint)
     if a.json:
         print(json.dumps(d, indent=2))
@@ -380,12 +395,17 @@ def _cmd_merge_lora(sub) -> None:
             "lmforge merge-lora runs/sft-lora/checkpoints/step_000300 --base ./my-hf-llama --out merged --dtype bf16",
         ],
     )
-    p.add_argument("adapter", help="an adapter directory (a LoRA run's final/ or checkpoints/step_NNNNNN/)")
+    p.add_argument(
+        "adapter",
+        help="a LoRA adapter directory: a LoRA run's final/ or checkpoints/step_NNNNNN/, or any PEFT LoRA "
+        "adapter (adapter_config.json + adapter_model.safetensors)",
+    )
     p.add_argument("--out", required=True, help="where to write the merged model directory")
     p.add_argument(
         "--base",
         default=None,
-        help="the base checkpoint (default: the one named in the adapter's adapter_config.json)",
+        help="the base checkpoint (default: base_model_name_or_path of the adapter's adapter_config.json, "
+        "when that is a local directory)",
     )
     p.add_argument(
         "--dtype", default=None, help="fp32, bf16 or fp16 for the merged weights (default: the base's)"
@@ -429,6 +449,25 @@ def _add_sampling_args(p) -> None:
         default=1.0,
         help="CTRL penalty on tokens already seen, > 1 discourages repeats (default: 1 = off)",
     )
+    p.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this from the logit of every token already generated, in [-2, 2] (OpenAI's; default: 0)",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this once per time a token was generated, in [-2, 2] (OpenAI's; default: 0)",
+    )
+    p.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS in [-100, 100] to token ID's logit (-100 bans it, 100 forces it); repeatable",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same output")
     p.add_argument(
         "--stop",
@@ -466,10 +505,29 @@ def _sampling_params(a, **extra):
         top_p=a.top_p,
         min_p=a.min_p,
         repetition_penalty=a.repetition_penalty,
+        presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty,
+        logit_bias=_logit_bias(a.logit_bias),
         seed=a.seed,
         stop=tuple(a.stop),
         **extra,
     )
+
+
+def _logit_bias(items: list[str]) -> dict[int, float]:
+    """--logit-bias ID=BIAS pairs -> {id: bias}."""
+    from lmforge.utils import UserError
+
+    out = {}
+    for item in items:
+        tid, eq, bias = item.partition("=")
+        try:
+            out[int(tid)] = float(bias)
+        except ValueError:
+            raise UserError(f"--logit-bias {item!r}: write TOKEN_ID=BIAS, e.g. 50256=-100") from None
+        if not eq:
+            raise UserError(f"--logit-bias {item!r}: write TOKEN_ID=BIAS, e.g. 50256=-100")
+    return out
 
 
 def _load_for_generation(a):
@@ -509,6 +567,13 @@ def _cmd_generate(sub) -> None:
         "(default: that is an error)",
     )
     p.add_argument("--stats", action="store_true", help="print token counts and speeds to stderr")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        metavar="SIZE",
+        help="most memory for the KV cache: bytes, 2GiB, 512MB, or a fraction of free memory such as 0.3 "
+        "(default: what is available); prompts x (prompt + new tokens) that do not fit are an error",
+    )
     _add_sampling_args(p)
     p.set_defaults(func=_run_generate)
 
@@ -520,6 +585,8 @@ def _run_generate(a) -> None:
     params = _sampling_params(a, num_samples=a.num_samples)  # checked before the (slower) model load
     lm, draft, compile = _load_for_generation(a)
     kw = dict(params=params, draft=draft, draft_tokens=a.draft_tokens, truncate=a.truncate, compile=compile)
+    if a.kv_cache_memory is not None:
+        kw["kv_cache_memory"] = a.kv_cache_memory
     if len(prompts) == 1 and a.num_samples == 1:
         s = stream(lm, prompts[0], **kw)
         for piece in s:
@@ -560,6 +627,14 @@ def _cmd_chat(sub) -> None:
     )
     p.add_argument("checkpoint", help="a model directory whose tokenizer has a chat template")
     p.add_argument("--system", default=None, help="a system message that starts every conversation")
+    p.add_argument(
+        "--template-kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword argument for the chat template, VALUE read as JSON when it parses "
+        "(e.g. enable_thinking=false for Qwen3); repeat for more",
+    )
     _add_sampling_args(p)
     p.set_defaults(func=_run_chat)
 
@@ -569,7 +644,25 @@ def _run_chat(a) -> None:
 
     params = _sampling_params(a)  # checked before the (slower) model load
     lm, draft, _ = _load_for_generation(a)
-    chat(lm, params, system=a.system, draft=draft)
+    chat(lm, params, system=a.system, draft=draft, template_kwargs=_template_kwargs(a.template_kwarg))
+
+
+def _template_kwargs(items: list[str]) -> dict:
+    """KEY=VALUE pairs -> {KEY: VALUE parsed as JSON, or the string as given}."""
+    import json
+
+    from lmforge.utils import UserError
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise UserError(f"--template-kwarg {item!r}: write KEY=VALUE, e.g. enable_thinking=false")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -1197,8 +1290,26 @@ def _cmd_export(sub) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["f32", "f16", "bf16", "q8_0"],
-        help="GGUF/Ollama weight type (default f16; norms and biases stay f32); ONNX is always f32",
+        choices=[
+            "f32",
+            "f16",
+            "bf16",
+            "q8_0",
+            "q4_0",
+            "q4_1",
+            "q5_0",
+            "q5_1",
+            "q2_k",
+            "q3_k_m",
+            "q4_k_s",
+            "q4_k_m",
+            "q5_k_s",
+            "q5_k_m",
+            "q6_k",
+        ],
+        help="GGUF/Ollama weight type (default f16; norms and biases stay f32): f32, f16, bf16, q8_0, or "
+        "llama.cpp's own quantizer types q4_0 ... q6_k (q4_k_m is Ollama's default; k-quants want widths "
+        "that are multiples of 256, else llama.cpp falls back to 32-blocks); ONNX is always f32",
     )
     p.add_argument(
         "--with-cache",
@@ -1208,6 +1319,13 @@ def _cmd_export(sub) -> None:
     )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset version (>= 17, default 18)")
     p.add_argument(
+        "--base",
+        default=None,
+        help="LoRA adapter exports (CHECKPOINT is an adapter directory, PEFT or lmforge): the base model "
+        "directory (default: the one the adapter names); gguf writes a llama.cpp LoRA adapter (f32 unless "
+        "--dtype f16/bf16), ollama the base GGUF + adapter GGUF + a Modelfile with ADAPTER",
+    )
+    p.add_argument(
         "--no-check", action="store_true", help="ONNX: skip comparing onnxruntime's logits with PyTorch's"
     )
     p.set_defaults(func=_run_export)
@@ -1215,8 +1333,14 @@ def _cmd_export(sub) -> None:
 
 def _run_export(a) -> None:
     from lmforge.export import export
-    from lmforge.utils import dir_size, human_bytes
+    from lmforge.train.lora import is_adapter
+    from lmforge.utils import UserError, dir_size, human_bytes
 
+    if is_adapter(a.checkpoint):  # a LoRA adapter: llama.cpp's adapter GGUF (gguf_lora.py)
+        _run_export_lora(a)
+        return
+    if a.base is not None:
+        raise UserError(f"--base is for LoRA adapter exports; {a.checkpoint} is not an adapter directory")
     out = export(
         a.checkpoint,
         a.format,
@@ -1237,6 +1361,27 @@ def _run_export(a) -> None:
             "checked in onnxruntime: " + ", ".join(f"{k} max logit error {v:.1e}" for k, v in errors.items())
         )
     elif a.format == "ollama":
+        print(f"next: ollama create {out.name} -f {out / 'Modelfile'}")
+
+
+def _run_export_lora(a) -> None:
+    from lmforge.export import default_out
+    from lmforge.export.gguf_lora import export_lora_gguf, export_ollama_lora
+    from lmforge.utils import UserError, dir_size, human_bytes
+
+    if a.format == "onnx":
+        raise UserError(
+            f"{a.checkpoint} is a LoRA adapter; merge it first (lmforge merge-lora {a.checkpoint} --out "
+            "merged) and export the merged model to ONNX"
+        )
+    if a.format == "gguf":
+        dtype = a.dtype or "f32"
+        out = export_lora_gguf(a.checkpoint, a.out or default_out(a.checkpoint, "gguf", dtype), dtype, a.base)
+        print(f"wrote {out} ({human_bytes(dir_size(out))}); use: llama-cli -m BASE.gguf --lora {out}")
+    else:
+        out = a.out or default_out(a.checkpoint, "ollama")
+        out = export_ollama_lora(a.checkpoint, out, a.dtype or "f16", a.base)
+        print(f"wrote {out} ({human_bytes(dir_size(out))})")
         print(f"next: ollama create {out.name} -f {out / 'Modelfile'}")
 
 
@@ -1284,6 +1429,44 @@ def _cmd_serve(sub) -> None:
         type=int,
         default=256,
         help="requests that may wait for a free row; more are refused with 429 (default: 256)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=None,
+        help="KV-cache slots per row: the most tokens (prompt + output) one request may hold "
+        "(default: what --kv-cache-memory allows, up to the model's context)",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        metavar="SIZE",
+        help="memory for the KV cache of each model: a size (2GiB, 512MB) or a fraction of the free "
+        "memory (0.5) (default: a budget that fits the machine; startup prints what was allocated)",
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="do not reuse the KV cache of prompt prefixes seen recently (shared system prompts, earlier "
+        "turns of a conversation); default: reuse them",
+    )
+    p.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        help="seconds an idle keep-alive connection stays open (default: 5)",
+    )
+    p.add_argument(
+        "--timeout-header",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send a request's headers once connected (default: 10)",
+    )
+    p.add_argument(
+        "--timeout-body",
+        type=float,
+        default=30.0,
+        help="seconds a client may pause while sending a request body before a 408 (default: 30)",
     )
     p.add_argument(
         "--cors-origins",
@@ -1350,6 +1533,12 @@ def _run_serve(a) -> None:
         model_name=a.model_name,
         drain_timeout=a.drain_timeout,
         log_level=a.log_level,
+        max_len=a.max_len,
+        kv_cache_memory=a.kv_cache_memory,
+        prefix_cache=not a.no_prefix_cache,
+        keep_alive_timeout=a.timeout_keep_alive,
+        header_timeout=a.timeout_header,
+        body_timeout=a.timeout_body,
     )
 
 

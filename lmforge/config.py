@@ -1,9 +1,10 @@
 """ModelConfig: one dataclass describes every decoder lmforge builds.
 
-The six families differ only in a handful of switches (positions, norm, MLP, biases, tying, ...),
-so a family is a row in FAMILIES and a size is a row in SIZES; `preset(family, size)` combines them.
-`to_hf` / `from_hf` map to and from the family's Hugging Face `config.json` schema, so every
-lmforge checkpoint loads in transformers and every local HF directory of these families loads here.
+The twelve families differ only in a handful of switches (positions, norms, MLP, biases, q/k norms,
+soft-caps, sliding layers, RoPE scaling, ...), so a family is a row in FAMILIES and a size is a row in
+SIZES; `preset(family, size)` combines them. `to_hf` / `from_hf` map to and from the family's Hugging
+Face `config.json` schema (the mapping lives in lmforge/hf.py), so every lmforge checkpoint loads in
+transformers and every local HF directory of these families loads here.
 
 Validation runs in `__post_init__` and raises a ValueError naming the bad field and the fix.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, field
 
 # HF `model_type` of each family, and back.
@@ -23,6 +23,12 @@ HF_MODEL_TYPE = {
     "mistral": "mistral",
     "mixtral": "mixtral",
     "gemma": "gemma",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+    "phi3": "phi3",
+    "olmo2": "olmo2",
 }
 FAMILY_OF_MODEL_TYPE = {v: k for k, v in HF_MODEL_TYPE.items()}
 HF_ARCHITECTURE = {
@@ -32,10 +38,18 @@ HF_ARCHITECTURE = {
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
 }
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+QK_NORMS = (None, "head", "full")
 
 
 @dataclass
@@ -43,7 +57,8 @@ class ModelConfig:
     """Shape and architecture switches of a decoder. Field docs double as CLI help."""
 
     family: str = "llama"
-    """architecture family: gpt, gpt2, llama, mistral, mixtral or gemma"""
+    """architecture family: gpt, gpt2, llama, mistral, mixtral, gemma, qwen2, qwen3, gemma2, gemma3, phi3
+    or olmo2"""
     vocab_size: int = 32000
     """number of token ids (rows of the embedding table)"""
     d_model: int = 768
@@ -65,7 +80,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base frequency"""
     rope_scaling: dict | None = None
-    """RoPE frequency scaling as in HF: None, {"rope_type": "linear", "factor": f} or llama3's"""
+    """RoPE frequency scaling as in HF: None, {"rope_type": "linear", "factor": f}, llama3, yarn or longrope
+    (Phi-3: short_factor, long_factor, original_max_position_embeddings)"""
+    rope_local_theta: float | None = None
+    """RoPE base of the sliding-window layers (Gemma 3's rope_local_base_freq); None: rope_theta"""
+    partial_rotary_factor: float = 1.0
+    """fraction of each head's channels that RoPE rotates (Phi-4-mini: 0.75)"""
     norm: str = "rmsnorm"
     """rmsnorm or layernorm"""
     norm_eps: float = 1e-5
@@ -74,6 +94,10 @@ class ModelConfig:
     """Gemma: RMSNorm scales by (1 + w), with w initialised at 0"""
     post_norm: bool = False
     """original GPT: normalise after each residual add instead of before each sub-layer"""
+    pre_norm: bool = True
+    """a norm before each sub-layer (False for OLMo 2, which only normalises sub-layer outputs)"""
+    sublayer_norm: bool = False
+    """a norm on each sub-layer's output before the residual add (Gemma 2/3, OLMo 2)"""
     final_norm: bool = True
     """a norm after the last block (absent in original GPT)"""
     mlp: str = "glu"
@@ -82,6 +106,17 @@ class ModelConfig:
     """activation: gelu (erf), gelu_tanh, silu or relu"""
     attn_bias: bool = False
     """biases on the q/k/v/o projections"""
+    qkv_bias: bool = False
+    """biases on the q/k/v projections but not on o (Qwen2)"""
+    qk_norm: str | None = None
+    """RMSNorm of queries and keys before RoPE: head (over each head, Qwen3/Gemma 3) or full (over all
+    q / all k channels, OLMo 2); None: none"""
+    query_scale: float | None = None
+    """attention scores are scaled by query_scale ** -0.5 (Gemma's query_pre_attn_scalar); None: head_dim"""
+    attn_softcap: float | None = None
+    """Gemma 2: attention scores become cap * tanh(score / cap)"""
+    final_softcap: float | None = None
+    """Gemma 2: output logits become cap * tanh(logit / cap)"""
     mlp_bias: bool = False
     """biases on the MLP projections"""
     tie_embeddings: bool = False
@@ -89,7 +124,10 @@ class ModelConfig:
     embed_scale: bool = False
     """Gemma: multiply token embeddings by sqrt(d_model)"""
     sliding_window: int | None = None
-    """Mistral: each token attends to at most this many previous tokens (itself included)"""
+    """each token attends to at most this many previous tokens (itself included): every layer
+    (Mistral), or the layers layer_types marks sliding (Gemma 2/3, Qwen2)"""
+    layer_types: list[str] | None = None
+    """per layer: sliding_attention or full_attention (HF's names); None: every layer uses sliding_window"""
     n_experts: int = 0
     """Mixtral: experts per MoE layer (0 = dense MLP)"""
     n_experts_per_tok: int = 2
@@ -156,8 +194,31 @@ class ModelConfig:
                     "rope_scaling",
                     f"RoPE scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})",
                 )
-            if kind in ("linear", "llama3") and not self.rope_scaling.get("factor", 0) > 0:
+            if kind in ("linear", "llama3", "yarn") and not (self.rope_scaling.get("factor") or 0) > 0:
                 bad("rope_scaling", "needs a positive 'factor'")
+            if kind == "longrope":
+                n = self.rotary_dim // 2
+                for key in ("short_factor", "long_factor"):
+                    if len(self.rope_scaling.get(key) or []) != n:
+                        bad("rope_scaling", f"longrope needs {key} with rotary_dim / 2 = {n} numbers")
+        if not 0.0 < self.partial_rotary_factor <= 1.0 or (self.pos_emb == "rope" and self.rotary_dim % 2):
+            bad("partial_rotary_factor", "must be in (0, 1] and rotate an even number of channels")
+        if self.qk_norm not in QK_NORMS:
+            bad("qk_norm", "must be None, 'head' or 'full'")
+        if not (self.pre_norm or self.sublayer_norm) and not self.post_norm:
+            bad("pre_norm", "a block needs pre_norm, sublayer_norm or post_norm")
+        for name in ("attn_softcap", "final_softcap", "query_scale", "rope_local_theta"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                bad(name, "must be positive or None")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                bad(
+                    "layer_types",
+                    f"needs n_layers={self.n_layers} entries, each one of {', '.join(LAYER_TYPES)}",
+                )
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                bad("layer_types", "sliding_attention layers need sliding_window")
         if self.norm not in ("rmsnorm", "layernorm"):
             bad("norm", "must be 'rmsnorm' or 'layernorm'")
         if self.norm_eps <= 0:
@@ -190,11 +251,32 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that RoPE rotates (the first ones; the rest pass through)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: it attends to the whole context)."""
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    @property
+    def cache_window(self) -> int | None:
+        """The window every layer shares (a KV cache may then keep only that many slots), else None."""
+        windows = {self.layer_window(i) for i in range(self.n_layers)}
+        return windows.pop() if len(windows) == 1 else None
+
     def _layer_params(self, active: bool = False) -> int:
         d, f = self.d_model, self.d_ff
         attn = d * (self.q_dim + 2 * self.kv_dim) + self.q_dim * d
         if self.attn_bias:
             attn += self.q_dim + 2 * self.kv_dim + d
+        elif self.qkv_bias:
+            attn += self.q_dim + 2 * self.kv_dim
+        if self.qk_norm:
+            attn += 2 * self.head_dim if self.qk_norm == "head" else self.q_dim + self.kv_dim
         n_mats = 3 if self.mlp == "glu" else 2
         mlp = n_mats * d * f + ((n_mats - 1) * f + d if self.mlp_bias else 0)
         if self.n_experts:
@@ -202,7 +284,8 @@ class ModelConfig:
                 mlp * (self.n_experts_per_tok if active else self.n_experts) + d * self.n_experts
             )  # + router
         norm = d * (2 if self.norm == "layernorm" else 1)
-        return attn + mlp + 2 * norm
+        n_norms = 2 * (int(self.pre_norm or self.post_norm) + int(self.sublayer_norm))
+        return attn + mlp + n_norms * norm
 
     def n_params(self, embeddings: bool = True) -> int:
         """Parameter count (tied embeddings counted once)."""
@@ -222,8 +305,8 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
         """Matmul FLOPs per token: 6N (or 2N for a forward pass) plus attention over seq_len (PaLM appendix B)."""
         t = seq_len or self.max_seq_len
-        if self.sliding_window:
-            t = min(t, self.sliding_window)
+        if self.cache_window:
+            t = min(t, self.cache_window)
         n = self.n_active_params() + self.vocab_size * self.d_model  # the output projection is a matmul too
         attn = (
             2 * self.n_layers * self.q_dim * t
@@ -316,7 +399,118 @@ FAMILIES: dict[str, dict] = {
         embed_scale=True,
         norm_eps=1e-6,
     ),
+    # Qwen2 / Qwen2.5: Llama with biases on q, k and v (not o)
+    "qwen2": dict(
+        pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=1e6, norm_eps=1e-6, qkv_bias=True
+    ),
+    # Qwen3: Llama with RMSNorm over each query and key head before RoPE
+    "qwen3": dict(
+        pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=1e6, norm_eps=1e-6, qk_norm="head"
+    ),
+    # Gemma 2: Gemma with sandwich norms, soft-capped attention and logits, alternating sliding/full layers
+    "gemma2": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        norm_unit_offset=True,
+        mlp="glu",
+        act="gelu_tanh",
+        tie_embeddings=True,
+        embed_scale=True,
+        norm_eps=1e-6,
+        sublayer_norm=True,
+        attn_softcap=50.0,
+        final_softcap=30.0,
+        sliding_window=4096,
+    ),
+    # Gemma 3 (text): Gemma 2 without soft-caps, with per-head q/k norms, five sliding layers per full one
+    # and a separate RoPE base for the sliding layers
+    "gemma3": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        norm_unit_offset=True,
+        mlp="glu",
+        act="gelu_tanh",
+        tie_embeddings=True,
+        embed_scale=True,
+        norm_eps=1e-6,
+        sublayer_norm=True,
+        qk_norm="head",
+        rope_theta=1e6,
+        rope_local_theta=1e4,
+        sliding_window=512,
+    ),
+    # Phi-3 / Phi-3.5 / Phi-4-mini: Llama with fused qkv_proj / gate_up_proj tensors (a mapping difference
+    # only), longrope scaling and partial rotary embeddings in the long-context versions
+    "phi3": dict(pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=1e4, norm_eps=1e-5),
+    # OLMo 2: no norms before the sub-layers, a norm on each sub-layer's output, RMSNorm over all of q / k
+    "olmo2": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        mlp="glu",
+        act="silu",
+        rope_theta=5e5,
+        norm_eps=1e-6,
+        pre_norm=False,
+        sublayer_norm=True,
+        qk_norm="full",
+    ),
 }
+
+# Which layers slide, per family (HF's defaults when config.json has no layer_types).
+LAYER_PATTERN = {"gemma2": 2, "gemma3": 6}  # layer i is full iff (i + 1) % pattern == 0
+
+
+def switches(cfg: ModelConfig | str) -> str:
+    """What a config (or a family's row, by name) switches on, in one line (`lmforge info`)."""
+    if isinstance(cfg, str):
+        fam = dict(FAMILIES[cfg])
+        if cfg in LAYER_PATTERN:
+            fam["layer_types"] = layer_pattern(LAYER_PATTERN[cfg], LAYER_PATTERN[cfg])
+        cfg = ModelConfig(family=cfg, **fam, n_layers=len(fam.get("layer_types") or [0]))
+    c, on = cfg, []
+    on.append("learned positions" if c.pos_emb == "learned" else f"RoPE theta={c.rope_theta:g}")
+    if c.rope_scaling:
+        on.append(f"{c.rope_scaling.get('rope_type')} RoPE scaling")
+    if c.partial_rotary_factor != 1.0:
+        on.append(f"partial rotary {c.partial_rotary_factor:g}")
+    if c.rope_local_theta is not None:
+        on.append(f"sliding layers' RoPE theta={c.rope_local_theta:g}")
+    norm = "LayerNorm" if c.norm == "layernorm" else "RMSNorm x (1 + w)" if c.norm_unit_offset else "RMSNorm"
+    where = [w for w, f in (("post-residual", c.post_norm), ("pre", c.pre_norm and not c.post_norm),
+                            ("sub-layer output", c.sublayer_norm)) if f]  # fmt: skip
+    on.append(f"{norm} ({' + '.join(where)})")
+    if c.qk_norm:
+        on.append(f"q/k RMSNorm ({'per head' if c.qk_norm == 'head' else 'all channels'})")
+    act = {"silu": "SwiGLU", "gelu_tanh": "GeGLU (tanh)", "gelu": "GeGLU"}.get(c.act, c.act + " GLU")
+    mlp = act if c.mlp == "glu" else f"{c.act} MLP"
+    on.append(f"MoE {c.n_experts} experts top-{c.n_experts_per_tok} of {mlp}" if c.n_experts else mlp)
+    if c.attn_bias:
+        on.append("q/k/v/o biases")
+    elif c.qkv_bias:
+        on.append("q/k/v biases")
+    if c.query_scale is not None:
+        on.append(f"query scale {c.query_scale:g}^-0.5")
+    if c.attn_softcap:
+        on.append(f"attention soft-cap {c.attn_softcap:g}")
+    if c.final_softcap:
+        on.append(f"logit soft-cap {c.final_softcap:g}")
+    if c.sliding_window:
+        n = sum(c.layer_window(i) is not None for i in range(c.n_layers))
+        every = "every layer" if n == c.n_layers else f"{n} of {c.n_layers} layers"
+        on.append(f"sliding window {c.sliding_window} on {every}")
+    if c.tie_embeddings:
+        on.append("tied embeddings")
+    if c.embed_scale:
+        on.append("embeddings x sqrt(d)")
+    if c.family == "phi3":
+        on.append("files with fused qkv_proj / gate_up_proj")
+    return ", ".join(on)
+
+
+def layer_pattern(n_layers: int, every: int) -> list[str]:
+    """HF's layer_types for `every`-th layer full, the others sliding (Gemma 2: 2, Gemma 3: 6)."""
+    return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
+
 
 # (d_model, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len). GQA ratios apply to RoPE families;
 # gpt/gpt2 always use full multi-head attention (their HF schema has no kv-head count).
@@ -368,11 +562,13 @@ def preset(family: str = "llama", size: str = "debug", **overrides) -> ModelConf
         cfg.update(n_kv_heads=n_heads, d_ff=4 * d)
     else:
         cfg["d_ff"] = _glu_width(d)
-    if family == "gemma":  # MQA at small sizes, wide GeGLU, head size independent of d_model
+    if family in ("gemma", "gemma2", "gemma3"):  # MQA at small sizes, wide GeGLU, head size independent
         cfg.update(n_kv_heads=1, head_dim=max(32, d // n_heads * 2) if size == "debug" else 256, d_ff=8 * d)
         cfg["n_heads"] = max(1, n_heads // 2) if size != "debug" else n_heads
-    if family == "mistral" and size in ("debug", "tiny"):
+    if family in ("mistral", "gemma2", "gemma3") and size in ("debug", "tiny"):
         fam["sliding_window"] = ctx // 4  # small enough that tests exercise it
+    if family in LAYER_PATTERN:
+        fam["layer_types"] = layer_pattern(overrides.get("n_layers", n_layers), LAYER_PATTERN[family])
     if family == "mixtral":
         cfg["d_ff"] = _glu_width(d) // 2  # experts are narrower; 8 of them with top-2
         if size == "debug":
@@ -381,231 +577,16 @@ def preset(family: str = "llama", size: str = "debug", **overrides) -> ModelConf
 
 
 # ---------------------------------------------------------------------------------------------- HF mapping
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
-_ACT_FROM_HF = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "silu": "silu",
-    "swish": "silu",
-    "relu": "relu",
-}
-
-
-def _hf_act(name: str | None, field_name: str) -> str:
-    if name not in _ACT_FROM_HF:
-        raise ValueError(
-            f"config.json {field_name}={name!r} is not supported (supported: {', '.join(_ACT_FROM_HF)})"
-        )
-    return _ACT_FROM_HF[name]
-
-
-def _rope_from_hf(d: dict) -> tuple[float, dict | None]:
-    # transformers >= 5 writes `rope_parameters`; older versions `rope_theta` + `rope_scaling`.
-    params = dict(d.get("rope_parameters") or {})
-    scaling = d.get("rope_scaling")
-    theta = params.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
-    if scaling:
-        params = {**params, **scaling}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise ValueError(
-            f"config.json: RoPE scaling type {kind!r} is not supported by lmforge "
-            f"(supported: {', '.join(ROPE_TYPES)}); loading it would give a wrong model"
-        )
-    if kind == "default":
-        return float(theta), None
-    params.pop("type", None)
-    params["rope_type"] = kind
-    return float(theta), params
-
-
+# The mapping itself lives in lmforge/hf.py (config fields, tensor names and transforms in one place).
 def from_hf(d: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict of one of the six families."""
-    mt = d.get("model_type")
-    if mt not in FAMILY_OF_MODEL_TYPE:
-        raise ValueError(
-            f"config.json model_type={mt!r} is not supported; lmforge reads {', '.join(FAMILY_OF_MODEL_TYPE)}"
-        )
-    family = FAMILY_OF_MODEL_TYPE[mt]
-    ids = dict(
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-        pad_token_id=d.get("pad_token_id"),
-    )
-    for k, v in list(ids.items()):  # HF allows a list of eos ids; lmforge keeps the first as the default
-        if isinstance(v, list):
-            ids[k] = v = v[0] if v else None
-        if v is not None and not 0 <= v < d["vocab_size"]:  # transformers only warns about these too
-            warnings.warn(
-                f"config.json {k}={v} is outside the vocabulary of {d['vocab_size']}; ignoring it",
-                stacklevel=2,
-            )
-            ids[k] = None
-    extra = {k: d[k] for k in ("quantization_config", "lmforge") if k in d}
-    if family in ("gpt", "gpt2"):
-        if d.get("scale_attn_by_inverse_layer_idx"):
-            raise ValueError("config.json scale_attn_by_inverse_layer_idx=true is not supported by lmforge")
-        if d.get("scale_attn_weights") is False:
-            raise ValueError("config.json scale_attn_weights=false is not supported by lmforge")
-        n_embd = d.get("n_embd", 768)
-        act_key = "afn" if family == "gpt" else "activation_function"
-        act = d.get(act_key, "gelu" if family == "gpt" else "gelu_new")
-        # Original GPT's "gelu" is the tanh approximation (HF's gelu_new).
-        act = "gelu_tanh" if (family == "gpt" and act == "gelu") else _hf_act(act, act_key)
-        return ModelConfig(
-            family=family,
-            **FAMILIES[family]
-            | dict(
-                act=act,
-                norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                tie_embeddings=d.get("tie_word_embeddings", True),
-            ),
-            vocab_size=d["vocab_size"],
-            d_model=n_embd,
-            n_layers=d.get("n_layer", 12),
-            n_heads=d.get("n_head", 12),
-            d_ff=d.get("n_inner") or 4 * n_embd,
-            max_seq_len=d.get("n_positions", 1024),
-            init_std=d.get("initializer_range", 0.02),
-            extra=extra,
-            **ids,
-        )
-    theta, scaling = _rope_from_hf(d)
-    fam = dict(FAMILIES[family])
-    act_key = "hidden_activation" if family == "gemma" and d.get("hidden_activation") else "hidden_act"
-    fam.update(
-        act=_hf_act(d.get(act_key, "silu"), act_key),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        norm_eps=d.get("rms_norm_eps", fam["norm_eps"]),
-        attn_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)),
-        tie_embeddings=bool(d.get("tie_word_embeddings", family == "gemma")),
-        sliding_window=d.get("sliding_window") if family in ("mistral", "mixtral") else None,
-    )
-    if d.get("use_sliding_window") is False:
-        fam["sliding_window"] = None
-    if family == "mixtral":
-        fam.update(
-            n_experts=d.get("num_local_experts", 8),
-            n_experts_per_tok=d.get("num_experts_per_tok", 2),
-            router_aux_loss_coef=d.get("router_aux_loss_coef", 0.02),
-        )
-    return ModelConfig(
-        family=family,
-        **fam,
-        vocab_size=d["vocab_size"],
-        d_model=d["hidden_size"],
-        n_layers=d["num_hidden_layers"],
-        n_heads=d["num_attention_heads"],
-        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-        head_dim=d.get("head_dim"),
-        d_ff=d["intermediate_size"],
-        max_seq_len=d.get("max_position_embeddings", 2048),
-        init_std=d.get("initializer_range", 0.02),
-        extra=extra,
-        **ids,
-    )
+    """ModelConfig from a Hugging Face config.json dict (see lmforge.hf.config_from_hf)."""
+    from lmforge.hf import config_from_hf
+
+    return config_from_hf(d)
 
 
 def to_hf(c: ModelConfig) -> dict:
-    """The family's Hugging Face config.json dict for `c` (errors if the family cannot express it)."""
-    base = FAMILIES[c.family]
-    # The HF implementations of a family hard-code some switches; refuse configs they cannot express.
-    fixed = [
-        k
-        for k in ("pos_emb", "norm", "post_norm", "final_norm", "mlp", "norm_unit_offset", "embed_scale")
-        if getattr(c, k) != base.get(k, getattr(ModelConfig, k, None))
-    ]
-    if fixed:
-        raise ValueError(
-            f"a {c.family} checkpoint cannot express {', '.join(fixed)} != the family's value; "
-            "pick the family that has these switches"
-        )
-    d: dict = {
-        "architectures": [HF_ARCHITECTURE[c.family]],
-        "model_type": HF_MODEL_TYPE[c.family],
-        "vocab_size": c.vocab_size,
-    }
-    ids = {k: getattr(c, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    if c.family in ("gpt", "gpt2"):
-        if c.n_kv_heads != c.n_heads or c.head_dim * c.n_heads != c.d_model:
-            raise ValueError(
-                f"{c.family} checkpoints need n_kv_heads == n_heads and head_dim == d_model // n_heads"
-            )
-        if not (c.attn_bias and c.mlp_bias):
-            raise ValueError(
-                f"{c.family} checkpoints always have biases (attn_bias and mlp_bias must be true)"
-            )
-        d.update(
-            n_embd=c.d_model,
-            n_layer=c.n_layers,
-            n_head=c.n_heads,
-            n_positions=c.max_seq_len,
-            layer_norm_epsilon=c.norm_eps,
-            initializer_range=c.init_std,
-            tie_word_embeddings=c.tie_embeddings,
-            resid_pdrop=c.dropout,
-            embd_pdrop=c.dropout,
-            attn_pdrop=c.dropout,
-        )
-        if c.family == "gpt":
-            if c.d_ff != 4 * c.d_model:
-                raise ValueError("gpt (openai-gpt) checkpoints need d_ff == 4 * d_model")
-            if c.act not in ("gelu_tanh", "relu", "silu"):
-                raise ValueError("gpt (openai-gpt) supports act gelu_tanh, relu or silu")
-            d.update(afn={"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"}[c.act], **ids)
-        else:
-            d.update(
-                n_inner=c.d_ff,
-                activation_function={"gelu_tanh": "gelu_new"}.get(c.act, c.act),
-                scale_attn_weights=True,
-                **ids,
-            )
-        return d | {k: v for k, v in c.extra.items()}
-    d.update(
-        hidden_size=c.d_model,
-        intermediate_size=c.d_ff,
-        num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads,
-        num_key_value_heads=c.n_kv_heads,
-        head_dim=c.head_dim,
-        max_position_embeddings=c.max_seq_len,
-        rms_norm_eps=c.norm_eps,
-        initializer_range=c.init_std,
-        tie_word_embeddings=c.tie_embeddings,
-        attention_dropout=c.dropout,
-        rope_theta=c.rope_theta,
-        rope_scaling=c.rope_scaling,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}
-        if c.rope_scaling is None
-        else {**c.rope_scaling, "rope_theta": c.rope_theta},
-        **ids,
-    )
-    act = _ACT_TO_HF[c.act]
-    if c.family == "gemma":
-        d.update(hidden_act=act, hidden_activation=act, attention_bias=c.attn_bias)
-    else:
-        d["hidden_act"] = act
-    if c.family == "llama":
-        d.update(attention_bias=c.attn_bias, mlp_bias=c.mlp_bias)
-    elif c.mlp_bias or (c.attn_bias and c.family != "gemma"):
-        raise ValueError(
-            f"{c.family} checkpoints cannot express these projection biases; "
-            "set attn_bias/mlp_bias to false or use the llama family"
-        )
-    if c.family in ("mistral", "mixtral"):
-        d["sliding_window"] = c.sliding_window
-    elif c.sliding_window is not None:
-        raise ValueError(f"{c.family} has no sliding window; use the mistral family")
-    if c.family == "mixtral":
-        d.update(
-            num_local_experts=c.n_experts,
-            num_experts_per_tok=c.n_experts_per_tok,
-            router_aux_loss_coef=c.router_aux_loss_coef,
-        )
-    elif c.n_experts:
-        raise ValueError(f"{c.family} has no mixture of experts; use the mixtral family")
-    return d | {k: v for k, v in c.extra.items()}
+    """The family's Hugging Face config.json dict for `c` (see lmforge.hf.config_to_hf)."""
+    from lmforge.hf import config_to_hf
+
+    return config_to_hf(c)

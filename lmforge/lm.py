@@ -63,14 +63,35 @@ class LM:
         return f"LM({c.family}, {self.model.num_params():,} params, {self.dtype}, {self.device}, path={self.path})"
 
 
-def load(path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None) -> LM:
-    """Load an lmforge or Hugging Face model directory (and its tokenizer, when it has one)."""
+def load(
+    path: str | os.PathLike,
+    device: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    base: str | os.PathLike | None = None,
+    merge: bool = True,
+) -> LM:
+    """Load an lmforge or Hugging Face model directory (and its tokenizer, when it has one).
+
+    A LoRA adapter directory (lmforge's or peft's: adapter_config.json) loads its base model (`base`,
+    else the one the adapter names) with the adapter merged in, or kept as LoRA layers with merge=False;
+    the tokenizer is the adapter's when it has one, else the base's.
+    """
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev) if dtype is not None else (torch.float32 if dev.type == "cpu" else None)
-    model = load_model(path, device=dev, dtype=dt).eval()
-    tokenizer = None
-    if (Path(path) / "tokenizer.json").exists():
-        from lmforge.tokenizer import Tokenizer
+    tok_dirs = [Path(path)]
+    from lmforge.train.lora import _base_of, is_adapter, load_lora_model
 
-        tokenizer = Tokenizer.load(path)
+    if is_adapter(path):
+        base = _base_of(path, base)
+        model = load_lora_model(path, base=base, device=dev, dtype=dt, merge=merge).eval()
+        tok_dirs.append(Path(base))
+    else:
+        model = load_model(path, device=dev, dtype=dt).eval()
+    tokenizer = None
+    for d in tok_dirs:
+        if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():  # SentencePiece: converted
+            from lmforge.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(d)
+            break
     return LM(model, tokenizer, path)

@@ -1,10 +1,17 @@
-"""The decoder: one config-driven model for gpt, gpt2, llama, mistral, mixtral and gemma.
+"""The decoder: one config-driven model for gpt, gpt2, llama, mistral, mixtral, gemma, qwen2, qwen3,
+gemma2, gemma3, phi3 and olmo2.
 
 Notable features
 - every family is the same code with different switches (see config.FAMILIES): learned or rotary
-  positions, pre- or post-norm, LayerNorm or RMSNorm (Gemma's (1 + w)), GELU MLP or gated (SwiGLU /
-  GeGLU), projection biases, tied embeddings, embedding scaling, sliding windows, sparse MoE
-- fused q/k/v and gate/up projections (fewer, larger matmuls); HF names are mapped in checkpoint.py
+  positions, pre- or post-norm, LayerNorm or RMSNorm (Gemma's (1 + w)), norms on sub-layer outputs
+  (Gemma 2/3 sandwich, OLMo 2), GELU MLP or gated (SwiGLU / GeGLU), projection biases (q/k/v/o or
+  Qwen2's q/k/v), q/k RMSNorm per head or over all channels, tied embeddings, embedding scaling,
+  attention and logit soft-capping, sparse MoE
+- sliding windows on every layer (Mistral) or per layer (layer_types: Gemma 2/3, Qwen2), sliding layers
+  with their own RoPE base (Gemma 3); each kind of layer gets its own mask and RoPE tables per call
+- RoPE with linear, llama3, YaRN and LongRoPE scaling (Phi-3: short or long factors chosen from the
+  longest position in the call, as transformers does) and partial rotary embeddings (Phi-4-mini)
+- fused q/k/v and gate/up projections (fewer, larger matmuls); HF names are mapped in hf.py
 - grouped-query attention through scaled_dot_product_attention (no K/V repetition)
 - a static KV cache (cache.py) with per-row positions: left padding and continuous batching give the
   same numbers as running each row alone; decode steps never concatenate tensors
@@ -38,13 +45,15 @@ ACT = {
 
 
 class Norm(nn.Module):
-    """LayerNorm, or RMSNorm computed in fp32 like the reference (Gemma: scale by 1 + w)."""
+    """LayerNorm, or RMSNorm computed in fp32 like the reference (Gemma: scale by 1 + w), over the
+    last `dim` channels (default d_model; q/k norms use head_dim or q_dim / kv_dim)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, dim: int | None = None):
         super().__init__()
         self.kind, self.eps, self.unit_offset = cfg.norm, cfg.norm_eps, cfg.norm_unit_offset
-        self.weight = nn.Parameter(torch.empty(cfg.d_model))
-        self.bias = nn.Parameter(torch.empty(cfg.d_model)) if cfg.norm == "layernorm" else None
+        dim = dim or cfg.d_model
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim)) if cfg.norm == "layernorm" else None
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
@@ -62,16 +71,19 @@ class Norm(nn.Module):
         return self.weight * y.type_as(x)  # Llama casts, then multiplies
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary frequencies (hd/2,), with HF's linear or llama3 scaling when configured."""
-    hd = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    sc = cfg.rope_scaling
+def rope_parameters(cfg: ModelConfig, local: bool = False, long: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (rotary_dim/2,), attention factor) as HF computes them: the sliding layers'
+    base for local=True (Gemma 3: unscaled), LongRoPE's long factors for long=True."""
+    rot = cfg.rotary_dim
+    theta = (cfg.rope_local_theta or cfg.rope_theta) if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.int64).float() / rot))
+    sc = None if local and cfg.rope_local_theta is not None else cfg.rope_scaling
     if sc is None:
-        return inv
+        return inv, 1.0
     kind = sc.get("rope_type", sc.get("type"))
+    old = sc.get("original_max_position_embeddings", cfg.max_seq_len)
     if kind == "linear":
-        return inv / sc["factor"]
+        return inv / sc["factor"], 1.0
     if kind == "llama3":
         factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
         old = sc.get("original_max_position_embeddings", 8192)
@@ -80,8 +92,43 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smooth = (old / wavelen - lo) / (hi - lo)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-        return torch.where(medium, smoothed, scaled)
-    return inv  # "default"
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "longrope":  # Phi-3: per-frequency factors; the long ones past the pretraining length
+        factor = sc.get("factor") or cfg.max_seq_len / old
+        attn = sc.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
+        ext = torch.tensor(sc["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return inv / ext, float(attn)
+    if kind == "yarn":  # interpolate the slow frequencies, keep the fast ones, blend in between
+        factor = sc["factor"]
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn = sc.get("attention_factor")
+        if attn is None:
+            m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+            attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        fast, slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+        def dim_of(rotations):  # the channel whose wavelength fits `rotations` times in `old` positions
+            return rot * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = dim_of(fast), dim_of(slow)
+        if sc.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, rot - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(rot // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate (divided by factor)
+        return inv / factor * (1 - keep) + inv * keep, float(attn)
+    return inv, 1.0  # "default"
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary frequencies (rotary_dim/2,) of the full-attention layers (short factors for LongRoPE)."""
+    return rope_parameters(cfg)[0]
 
 
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +137,15 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + hd/2) of x (..., hd) by the angles whose full-width tables
-    (rope_tables) broadcast against x: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], i.e.
-    x * [cos, cos] + [x2, x1] * [-sin, sin]: three ops whatever the number of heads."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
+    """Rotate channel pairs (i, i + rot/2) of x (..., hd) by the angles whose full-width tables
+    (rope_tables, (..., rot)) broadcast against x: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], i.e.
+    x * [cos, cos] + [x2, x1] * [-sin, sin]: three ops whatever the number of heads. With partial
+    rotary embeddings (rot < hd) the channels after the first rot pass through unchanged."""
+    rot = cos.shape[-1]
+    if rot != x.shape[-1]:
+        xr = x[..., :rot]
+        return torch.cat((torch.addcmul(xr * cos, xr.roll(rot // 2, dims=-1), sin), x[..., rot:]), dim=-1)
+    return torch.addcmul(x * cos, x.roll(rot // 2, dims=-1), sin)
 
 
 class Attention(nn.Module):
@@ -101,33 +153,58 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.cfg = layer, cfg
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_bias)
+        self.scale = (cfg.query_scale or cfg.head_dim) ** -0.5
+        self.softcap = cfg.attn_softcap
+        self.wqkv = nn.Linear(cfg.d_model, cfg.q_dim + 2 * cfg.kv_dim, bias=cfg.attn_bias or cfg.qkv_bias)
         self.wo = nn.Linear(cfg.q_dim, cfg.d_model, bias=cfg.attn_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # per head: (hd,) weights shared by the heads; full: one weight per channel
+            self.q_norm = Norm(cfg, cfg.head_dim if cfg.qk_norm == "head" else cfg.q_dim)
+            self.k_norm = Norm(cfg, cfg.head_dim if cfg.qk_norm == "head" else cfg.kv_dim)
 
     # (q, k, v, mask, scale) -> (B, T, H, hd) for decode steps without autograd: lmforge's CPU kernel,
     # set on models prepared for decoding (infer/packed.py); None: PyTorch's attention
     decode_kernel = None
 
-    def forward(self, x, rope, mask, is_causal, cache: KVCache | None):
+    def project(self, x, rope):
+        """q (B, H, T, hd), k, v (B, KV, T, hd) of x (B, T, d): projections, q/k norms, RoPE."""
         B, T, _ = x.shape
-        H, KV = self.n_heads, self.n_kv
-        qkv = self.wqkv(x).view(B, T, H + 2 * KV, self.hd)  # heads of q, then k, then v
+        H, KV, qd, kvd = self.n_heads, self.n_kv, self.cfg.q_dim, self.cfg.kv_dim
+        h = self.wqkv(x)  # (B, T, q_dim + 2 kv_dim)
+        if self.qk_norm == "full":  # OLMo 2: over all query / all key channels, before the split
+            h = torch.cat(
+                (self.q_norm(h[..., :qd]), self.k_norm(h[..., qd : qd + kvd]), h[..., qd + kvd :]), -1
+            )
+        qkv = h.view(B, T, H + 2 * KV, self.hd)  # heads of q, then k, then v
         qk = qkv[:, :, : H + KV]
+        if self.qk_norm == "head":  # Qwen3, Gemma 3: over each head's channels
+            qk = torch.cat((self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])), 2)
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k heads rotated together: (B, T, H + KV, hd)
         q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
         k = qk[:, :, H:].transpose(1, 2)  # (B, KV, T, hd)
         v = qkv[:, :, H + KV :].transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, rope, mask, is_causal, cache: KVCache | None):
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
         # Decode steps on CPU (a few queries over the cache): lmforge's attention kernel on models set
         # up for decoding (infer/packed.py), else for bf16 two fp32 matmuls (see few_query_attention).
+        # Soft-capped scores (Gemma 2) are beyond both SDPA and the kernel: explicit matmuls, always.
         # Static conditions first: a symbolic T (ONNX export) must not be compared unless needed.
         kernel = (
-            self.decode_kernel if self.decode_kernel is not None and not torch.is_grad_enabled() else None
+            self.decode_kernel
+            if self.decode_kernel is not None and self.softcap is None and not torch.is_grad_enabled()
+            else None
         )
-        if x.device.type == "cpu" and not is_causal and (kernel or x.dtype != torch.float32) and T <= 16:
-            y = (kernel or few_query_attention)(q, k, v, mask, self.hd**-0.5)  # (B, T, H, hd)
+        if self.softcap is not None:
+            drop = self.cfg.dropout if self.training else 0.0
+            y = few_query_attention(q, k, v, mask, self.scale, self.softcap, is_causal, drop)
+        elif x.device.type == "cpu" and not is_causal and (kernel or x.dtype != torch.float32) and T <= 16:
+            y = (kernel or few_query_attention)(q, k, v, mask, self.scale)  # (B, T, H, hd)
         else:
             y = F.scaled_dot_product_attention(
                 q,
@@ -136,28 +213,38 @@ class Attention(nn.Module):
                 attn_mask=mask,
                 is_causal=is_causal,
                 dropout_p=self.cfg.dropout if self.training else 0.0,
-                scale=self.hd**-0.5,
+                scale=self.scale,
                 enable_gqa=self.n_kv != self.n_heads,
             ).transpose(1, 2)  # (B, T, H, hd)
         return self.wo(y.reshape(B, T, self.cfg.q_dim))
 
 
-def few_query_attention(q, k, v, mask, scale):
-    """Attention of a few queries (decode steps, speculative verification) as two fp32 batched matmuls.
+def few_query_attention(q, k, v, mask, scale, softcap=None, is_causal=False, dropout=0.0):
+    """Attention as two fp32 batched matmuls: decode steps and speculative verification (a few
+    queries), and any call with soft-capped scores (Gemma 2: score -> cap * tanh(score / cap)).
 
     For bf16 on CPU, PyTorch's fused attention kernel is several times slower than this when T is
     small (2.3 ms vs 0.5 ms per layer at 2048 keys, 0.15 vs 0.06 ms at 128), which dominates decoding
     at long contexts; computing in fp32 is also more accurate. q (B, H, T, hd); k, v (B, KV, S, hd),
-    query head h reading key/value head h // (H / KV); mask (B, 1, T, S) bool (True = visible) or None.
-    Returns (B, T, H, hd)."""
+    query head h reading key/value head h // (H / KV); mask (B, 1, T, S) bool (True = visible) or None
+    (is_causal: query t sees keys up to S - T + t). Returns (B, T, H, hd)."""
     B, H, T, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     G = H // KV
     qg = q.reshape(B * KV, G * T, hd).float()  # the G query heads of each KV head, (B KV, G T, hd)
     s = torch.bmm(qg, k.reshape(B * KV, S, hd).float().transpose(1, 2)) * scale  # (B KV, G T, S)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if is_causal:
+        ar = torch.arange(S, device=q.device)
+        causal = ar[None, :] <= (ar[S - T :])[:, None]  # (T, S)
+        mask = causal[None, None] if mask is None else mask & causal
     if mask is not None:
         s = s.view(B, KV, G, T, S).masked_fill(~mask[:, :, None], float("-inf")).view(B * KV, G * T, S)
-    y = torch.bmm(s.softmax(dim=-1), v.reshape(B * KV, S, hd).float())  # (B KV, G T, hd)
+    p = s.softmax(dim=-1)
+    if dropout:
+        p = F.dropout(p, dropout)
+    y = torch.bmm(p, v.reshape(B * KV, S, hd).float())  # (B KV, G T, hd)
     return y.view(B, H, T, hd).transpose(1, 2).to(q.dtype)
 
 
@@ -215,10 +302,20 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    """x + f(norm(x)) (pre-norm), x + norm(f(norm(x))) (Gemma 2/3 sandwich), x + norm(f(x)) (OLMo 2),
+    or norm(x + f(x)) (original GPT's post-norm), for f = attention, then the MLP."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.post_norm = cfg.post_norm
-        self.attn_norm, self.mlp_norm = Norm(cfg), Norm(cfg)
+        if cfg.pre_norm or cfg.post_norm:
+            self.attn_norm, self.mlp_norm = Norm(cfg), Norm(cfg)
+        else:
+            self.attn_norm = self.mlp_norm = nn.Identity()
+        if cfg.sublayer_norm:
+            self.attn_post_norm, self.mlp_post_norm = Norm(cfg), Norm(cfg)
+        else:
+            self.attn_post_norm = self.mlp_post_norm = nn.Identity()
         self.attn = Attention(cfg, layer)
         self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -227,8 +324,8 @@ class Block(nn.Module):
         if self.post_norm:  # original GPT: x = LN(x + f(x))
             x = self.attn_norm(x + self.drop(self.attn(x, rope, mask, is_causal, cache)))
             return self.mlp_norm(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, mask, is_causal, cache))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + self.drop(self.attn_post_norm(self.attn(self.attn_norm(x), rope, mask, is_causal, cache)))
+        return x + self.drop(self.mlp_post_norm(self.mlp(self.mlp_norm(x))))
 
 
 class Transformer(nn.Module):
@@ -243,9 +340,21 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        # RoPE tables (max_seq_len, hd/2) in fp32; not saved (derived from the config).
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        # RoPE tables (max_seq_len, rotary_dim/2) in fp32, attention factor included; not saved (derived
+        # from the config). _local: sliding layers with their own base (Gemma 3); _long: LongRoPE's long
+        # factors (Phi-3). Empty when unused.
+        for name in (
+            "rope_cos",
+            "rope_sin",
+            "rope_cos_local",
+            "rope_sin_local",
+            "rope_cos_long",
+            "rope_sin_long",
+        ):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        # The kind of each layer: "full" or "sliding"; each kind gets its own mask and RoPE per call.
+        self.kinds = ["full" if cfg.layer_window(i) is None else "sliding" for i in range(cfg.n_layers)]
+        self.kinds = ["all"] * cfg.n_layers if len(set(self.kinds)) == 1 else self.kinds
         self.aux_loss: torch.Tensor | None = None
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
@@ -254,10 +363,19 @@ class Transformer(nn.Module):
     def _init_rope(self) -> None:
         if self.config.pos_emb != "rope":
             return
-        dev = self.tok_emb.weight.device
-        t = torch.arange(self.config.max_seq_len, dtype=torch.int64).float()
-        freqs = torch.outer(t, rope_inv_freq(self.config))  # (max_seq_len, hd/2)
-        self.rope_cos, self.rope_sin = freqs.cos().to(dev), freqs.sin().to(dev)
+        cfg, dev = self.config, self.tok_emb.weight.device
+        t = torch.arange(cfg.max_seq_len, dtype=torch.int64).float()
+
+        def tables(**kw):
+            inv, factor = rope_parameters(cfg, **kw)
+            freqs = torch.outer(t, inv)  # (max_seq_len, rotary_dim/2)
+            return (freqs.cos() * factor).to(dev), (freqs.sin() * factor).to(dev)
+
+        self.rope_cos, self.rope_sin = tables()
+        if cfg.rope_local_theta is not None and any(cfg.layer_window(i) for i in range(cfg.n_layers)):
+            self.rope_cos_local, self.rope_sin_local = tables(local=True)
+        if cfg.rope_scaling and cfg.rope_scaling.get("rope_type") == "longrope":
+            self.rope_cos_long, self.rope_sin_long = tables(long=True)
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
@@ -313,31 +431,50 @@ class Transformer(nn.Module):
         cfg = self.config
         B, T = idx.shape
         valid = attention_mask.bool() if attention_mask is not None else None
+        sliding = "sliding" in self.kinds  # layers of two kinds: the sliding ones' (mask, is_causal)
+        if self.rope_cos_long.numel() and isinstance(cache, KVCache) and not cache.ring:
+            again = self._longrope_restart(idx, valid, cache, logits_to_keep, return_hidden)
+            if again is not None:
+                return again
         if cache is not None:
             pos, mask, is_causal = cache.prepare(T, valid)
+            if sliding:  # the cache's mask is the full layers'; the sliding ones need their own
+                sliding = (cache.window_mask(cfg.sliding_window), False)
         else:
             if T > cfg.max_seq_len:
                 raise ValueError(
                     f"input of {T} tokens is longer than the model's context of {cfg.max_seq_len}"
                 )
             pos = positions_from_valid(valid, 0, T, idx.device)
-            if valid is None and (cfg.sliding_window is None or T <= cfg.sliding_window):
-                mask, is_causal = None, True
-            else:
-                k_pos = pos if valid is None else pos.masked_fill(~valid, -1)
-                mask, is_causal = make_mask(pos, k_pos, cfg.sliding_window, 0), False
+            k_pos = pos if valid is None else pos.masked_fill(~valid, -1)
+
+            def masks(window):
+                if valid is None and (window is None or T <= window):
+                    return None, True
+                return make_mask(pos, k_pos, window, 0), False
+
+            mask, is_causal = masks(cfg.cache_window)
+            sliding = sliding and masks(cfg.sliding_window)
         x = self.tok_emb(idx)  # (B, T, d)
         if cfg.embed_scale:
             x = x * torch.tensor(cfg.d_model**0.5, dtype=x.dtype)
-        rope = None
+        rope = rope_local = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(pos.expand(B, T))
         else:
-            cos, sin = rope_tables(self.rope_cos[pos], self.rope_sin[pos])  # (B or 1, T, hd)
-            rope = (cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype))  # broadcast over heads
+            rope = self._rope(pos, x.dtype)
+            rope_local = self._rope(pos, x.dtype, local=True) if self.rope_cos_local.numel() else rope
+        # (rope, mask, is_causal) of each kind of layer
+        every_slides = cfg.cache_window is not None  # then "all" layers are sliding ones
+        ctx = {
+            "all": (rope_local if every_slides else rope, mask, is_causal),
+            "full": (rope, mask, is_causal),
+        }
+        if sliding:
+            ctx["sliding"] = (rope_local, *sliding)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, rope, mask, is_causal, cache)
+        for block, kind in zip(self.blocks, self.kinds):
+            x = block(x, *ctx[kind], cache)
         if self.norm is not None:
             x = self.norm(x)
         if return_hidden:
@@ -345,8 +482,12 @@ class Transformer(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         if targets is None:
-            return self.lm_head(x)  # (B, T, V)
-        loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+            return self.logits(x)  # (B, T, V)
+        if cfg.final_softcap is None:
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
+        else:  # soft-capped logits: the chunked loss does not apply them, so materialise the logits
+            logits = self.logits(x).float().flatten(0, 1)
+            loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100)
         if cfg.n_experts and self.training:
             self.aux_loss = load_balancing_loss(
                 [b.mlp.router_logits for b in self.blocks],
@@ -355,6 +496,43 @@ class Transformer(nn.Module):
             )
             loss = loss + cfg.router_aux_loss_coef * self.aux_loss
         return loss
+
+    def _longrope_restart(self, idx, valid, cache: KVCache, logits_to_keep: int, return_hidden: bool):
+        """LongRoPE (Phi-3) as transformers generates: the first chunk that takes the cache past the
+        pretraining length recomputes the whole sequence, so every cached key uses the long factors.
+        Returns that call's output, or None (no restart: the chunk's ids are recorded)."""
+        L, T = cache.length, idx.shape[1]
+        orig = self.config.rope_scaling["original_max_position_embeddings"]
+        if not 0 < L <= orig < L + T:
+            cache.ids[:, L : L + T] = idx
+            return None
+        past_valid = cache.key_pos[:, :L] >= 0
+        ids = torch.cat((cache.ids[:, :L], idx), 1)
+        now = valid if valid is not None else torch.ones_like(idx, dtype=torch.bool)
+        cache.reset()
+        keep = min(logits_to_keep, T) if logits_to_keep else T
+        out = self(ids, attention_mask=torch.cat((past_valid, now), 1), cache=cache, logits_to_keep=keep,
+                   return_hidden=return_hidden)  # fmt: skip
+        return out[:, -keep:] if return_hidden else out
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Output projection of hidden states x (..., d) -> (..., V), soft-capped where the family does."""
+        y = self.lm_head(x)
+        cap = self.config.final_softcap
+        return y if cap is None else torch.tanh(y / cap) * cap
+
+    def _rope(self, pos: torch.Tensor, dtype, local: bool = False):
+        """Full-width (cos, sin) tables (B or 1, T, 1, rot) for positions pos, broadcast over heads."""
+        cos, sin = (self.rope_cos_local, self.rope_sin_local) if local else (self.rope_cos, self.rope_sin)
+        cos, sin = cos[pos], sin[pos]  # (B or 1, T, rot/2)
+        if self.rope_cos_long.numel() and not local:
+            # LongRoPE as transformers runs it: the long factors for the whole call once its furthest
+            # position passes the pretraining length (a tensor condition: no sync, traceable)
+            long = (pos.max() + 1) > self.config.rope_scaling["original_max_position_embeddings"]
+            cos = torch.where(long, self.rope_cos_long[pos], cos)
+            sin = torch.where(long, self.rope_sin_long[pos], sin)
+        cos, sin = rope_tables(cos, sin)
+        return cos[:, :, None].to(dtype), sin[:, :, None].to(dtype)
 
     # ------------------------------------------------------------------ helpers
     def num_params(self, trainable_only: bool = False) -> int:

@@ -22,7 +22,7 @@ from lmforge.model import build
         (dict(sliding_window=0), "sliding_window"),
         (dict(dropout=1.0), "dropout"),
         (dict(eos_token_id=40000), "eos_token_id"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),
+        (dict(rope_scaling={"rope_type": "dynamic", "factor": 4.0}), "rope_scaling"),
     ],
 )
 def test_validation_names_the_bad_field(kwargs, field):
@@ -79,10 +79,10 @@ def test_hf_config_is_accepted_by_transformers():
 
 def test_unsupported_hf_options_are_errors():
     base = to_hf(preset("llama", "debug"))
-    with pytest.raises(ValueError, match="yarn"):
-        from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "rope_parameters": None})
+    with pytest.raises(ValueError, match="dynamic"):
+        from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None})
     with pytest.raises(ValueError, match="model_type"):
-        from_hf({**base, "model_type": "qwen2"})
+        from_hf({**base, "model_type": "qwen2_moe"})
     with pytest.raises(ValueError, match="hidden_act"):
         from_hf({**base, "hidden_act": "mish"})
     with pytest.raises(ValueError, match="inverse_layer_idx"):
@@ -99,6 +99,14 @@ def test_unsupported_hf_options_are_errors():
             "low_freq_factor": 1.0,
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 16,
+        },
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 16,
+            "beta_fast": 16,
+            "mscale": 1.0,
         },
     ],
 )

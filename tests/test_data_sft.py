@@ -153,3 +153,33 @@ def test_sft_resume_and_ranks(tok):
         e0, torch.cat([b[0] for b in batches[ref.batches_per_epoch : 2 * ref.batches_per_epoch]])
     )
     assert np.isin(tok.token_to_id("<|assistant|>"), e0.numpy())
+
+
+def test_tool_call_conversations_from_jsonl(tmp_path):
+    """Records with `tools` and assistant `tool_calls` / `tool` results (OpenAI shape) load whole, and the
+    mask covers the tool call the assistant writes, not the tool's result (a real Qwen3 template)."""
+    from test_tokenizer_hub import CALL, TOOLS_CHAT, WEATHER, hub_dir, masked_text
+
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(hub_dir("qwen3-0.6b", str(tmp_path)))
+    p = tmp_path / "tools.jsonl"
+    bad = [{"role": "assistant", "content": None}, {"role": "user", "content": "x"}]  # null content, no call
+    p.write_text(
+        "\n".join(json.dumps(r) for r in [{"messages": TOOLS_CHAT, "tools": [WEATHER]}, {"messages": bad}])
+    )
+    convs = load_conversations(p)
+    assert len(convs) == 1 and convs[0] == TOOLS_CHAT and convs[0].tools == [WEATHER]
+    assert convs[0][1]["tool_calls"] == [CALL] and convs[0][2]["tool_call_id"] == "call00001"
+    ids, mask = render_with_mask(tok, convs[0])
+    assert ids == tok.encode_chat(TOOLS_CHAT, tools=[WEATHER])
+    text = tok.apply_chat_template(TOOLS_CHAT, tools=[WEATHER])
+    assert "<tools>" in text and '{"temperature": 21}' in text
+    assert masked_text(tok, text, mask) == [
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+        "<think>\n\n</think>\n\nIt is 21 degrees in Paris.<|im_end|>",
+    ]
+    # The loader's targets are exactly the masked tokens, shifted by one.
+    x, y = next(SFTLoader(convs, tok, batch_size=1, seq_len=len(ids) - 1, shuffle=False))
+    assert x[0].tolist() == ids[:-1]
+    assert y[0].tolist() == [ids[j + 1] if mask[j + 1] else IGNORE for j in range(len(ids) - 1)]

@@ -115,10 +115,12 @@ TINY: dict[str, str] = {
     ".venv/bin/python bench/quantize.py": "--smoke --out runs/bench-quantize",
     ".venv/bin/python bench/train.py": "--smoke",
     ".venv/bin/python bench/quality.py": "--smoke",
+    ".venv/bin/python bench/finetune.py": "--smoke",
     ".venv/bin/python bench/serve_load.py --clients 1,16,32": "--checkpoint runs/quickstart/final --clients 1,2 "
     "--rounds 1 --max-tokens 4 --log runs/serve-load-1.log",
     ".venv/bin/python bench/serve_load.py --clients 1 --rounds 8": "--checkpoint runs/quickstart/final --rounds 1 "
     "--max-tokens 4 --log runs/serve-load-2.log",
+    ".venv/bin/python bench/serve_load.py --features": "--rounds 1 --max-tokens 8",
 }
 
 # What a command must leave behind: paths (relative to the workspace) or, with "re:", a regular
@@ -186,6 +188,7 @@ EXPECT: dict[str, tuple[str, ...]] = {
     ".venv/bin/python bench/data.py": (r"re:\| prepare python-docs",),
     ".venv/bin/python bench/export.py": (r"re:\| onnxruntime, model_with_past.onnx",),
     ".venv/bin/python bench/serve_load.py": (r"re:\| 1 \|",),
+    ".venv/bin/python bench/serve_load.py --features": (r"re:\| TTFT, \d+-token shared system prompt",),
     ".venv/bin/python bench/train.py": (r"re:\| lmforge \| fp32",),
     ".venv/bin/python bench/quality.py": (r"re:\| transformers LlamaForCausalLM, lmforge's recipe \| \d",),
     ".venv/bin/python bench/decode.py": (r"re:\| fp32 \|",),

@@ -111,7 +111,7 @@ def test_uniform_model_has_perplexity_vocab_size(tmp_path, text_file):
     V = lm.config.vocab_size
     r = evaluate_lm(lm, str(text_file), split="all", seq_len=16, stride=8)
     tok = lm.tokenizer
-    text_ids = tok.encode(TEXT)
+    text_ids = tok.encode(TEXT, bos=False)
     assert r["tokens"] == len(text_ids) + 1  # every text token and EOS (BOS is never a target)
     assert r["text_tokens"] == len(text_ids)
     assert r["bytes"] == len(TEXT.encode("utf-8"))
@@ -349,7 +349,7 @@ def test_lm_eval_adapter_equals_lmforge(lm):
     rolled = adapter.loglikelihood_rolling(
         [Instance("loglikelihood_rolling", {}, (TEXT,), 0)], disable_tqdm=True
     )
-    ids = [lm.tokenizer.bos_id, *lm.tokenizer.encode(TEXT)]
+    ids = [lm.tokenizer.bos_id, *lm.tokenizer.encode(TEXT, bos=False)]
     assert rolled[0] == pytest.approx(-float(sequence_nll(lm.model, ids).sum()), rel=1e-6)
 
     gen = adapter.generate_until(

@@ -173,3 +173,193 @@ def test_container_command_serves_and_passes_its_healthcheck(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------- Ollama
+# The Modelfile, checked against what Ollama's docs require: FROM first (a path relative to the
+# Modelfile), instructions from its set, TEMPLATE in triple quotes as a Go template over .Messages
+# (.Role, .Content; the system prompt is a message), PARAMETER stop "<token>" per end-of-turn token,
+# PARAMETER num_ctx. No Ollama here, so the Go template is executed by the small evaluator below (the
+# constructs it uses: range, if/else, eq/ne/or/not/index, {{- trimming}); its rendering must equal
+# the model's own Jinja chat template and llama.cpp's built-in rendering of the same conversation.
+OLLAMA_INSTRUCTIONS = {"FROM", "TEMPLATE", "PARAMETER", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE", "REQUIRES"}
+TEMPLATES = Path(__file__).resolve().parent / "data" / "templates"
+MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>",
+           "<start_of_turn>", "<end_of_turn>", "<|im_start|>", "<|im_end|>", "<|user|>", "<|assistant|>",
+           "<|system|>", "<|end|>", "<|endoftext|>", "<s>", "</s>"]  # fmt: skip
+
+
+def go_render(template: str, messages: list[dict]) -> str:
+    """Execute the Go-template subset Ollama templates use here, with .Messages = messages."""
+    parts = re.split(r"(\{\{-?\s*.*?\s*-?\}\})", template)
+    for i, p in enumerate(parts):  # {{- and -}} trim the whitespace next to them
+        if p.startswith("{{-") and i > 0:
+            parts[i - 1] = parts[i - 1].rstrip()
+        if p.endswith("-}}") and i + 1 < len(parts):
+            parts[i + 1] = parts[i + 1].lstrip()
+    tokens = [p if not p.startswith("{{") else ("act", p.strip("{}- ").strip()) for p in parts]
+
+    def cond(expr: str, dot) -> bool:
+        expr = expr.strip()
+        if expr.startswith("or "):  # or (A) (B): split the two top-level parenthesised arguments
+            args, depth, cur = [], 0, ""
+            for ch in expr[3:]:
+                depth += (ch == "(") - (ch == ")")
+                cur += ch
+                if depth == 0 and cur.strip():
+                    args.append(cur.strip()[1:-1])
+                    cur = ""
+            return cond(args[0], dot) or cond(args[1], dot)
+        if expr.startswith("not "):
+            return not value(expr[4:], dot)
+        op, a, b = re.match(r'(eq|ne) (\(index \.Messages 0\)\.Role|\.Role) "(.*)"', expr).groups()
+        left = messages[0]["role"] if a.startswith("(index") else dot["role"]
+        return (left == b) == (op == "eq")
+
+    def value(expr: str, dot):
+        return {
+            ".Role": lambda: dot["role"],
+            ".Content": lambda: dot["content"],
+            ".Messages": lambda: messages,
+        }[expr.strip()]()
+
+    def block(i: int, dot) -> tuple[str, int, str]:
+        out = ""
+        while i < len(tokens):
+            t = tokens[i]
+            if isinstance(t, str):
+                out, i = out + t, i + 1
+                continue
+            act = t[1]
+            if act in ("end", "else"):
+                return out, i, act
+            if act.startswith("range "):
+                start, text = i + 1, ""
+                for m in value(act[6:], dot):
+                    body, i, _ = block(start, m)
+                    text += body
+                if not messages:
+                    _, i, _ = block(start, dot)
+                out, i = out + text, i + 1
+            elif act.startswith("if "):
+                yes, i, stop = block(i + 1, dot)
+                no = ""
+                if stop == "else":
+                    no, i, _ = block(i + 1, dot)
+                out, i = out + (yes if cond(act[3:], dot) else no), i + 1
+            else:
+                out, i = out + str(value(act, dot)), i + 1
+        return out, i, ""
+
+    return block(0, None)[0]
+
+
+def _template_tokenizer(name: str):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, trainers
+    from tokenizers import pre_tokenizers as pt
+
+    from lmforge.tokenizer import Tokenizer
+
+    t = HFTokenizer(models.BPE())
+    t.pre_tokenizer, t.decoder = pt.ByteLevel(), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=MARKERS, initial_alphabet=pt.ByteLevel.alphabet(), show_progress=False
+    )
+    t.train_from_iterator(["hello world, a tiny corpus"] * 10, trainer)
+    meta = json.loads((TEMPLATES.parent / "tokenizers" / f"{name}.json").read_text())
+    config = {k: v for k, v in meta.get("tokenizer_config", {}).items() if k != "chat_template"}
+    return Tokenizer(t.to_str(), config, (TEMPLATES / f"{name}.jinja").read_text())
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one?"},
+]
+# hub template -> (the format the Modelfile uses, llama.cpp renders it the same way)
+HUB_FORMATS = {
+    "qwen3-0.6b": ("chatml", True),
+    "qwen2.5-0.5b-instruct": ("chatml", False),  # its default system prompt: llama.cpp's chatml has none
+    "smollm2-135m-instruct": ("chatml", False),
+    "gemma-2-2b-it": ("gemma", True),
+    "phi-3.5-mini-instruct": ("phi3", True),
+    "phi-4-mini-instruct": ("lmforge", False),
+    "olmo-2-1b-instruct": ("olmo2", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HUB_FORMATS))
+def test_ollama_template_renders_like_the_chat_template(name):
+    from lmforge.export.ollama import chat_format, go_template
+
+    tok = _template_tokenizer(name)
+    fmt, llama_cpp_same = HUB_FORMATS[name]
+    assert chat_format(tok)[0] == fmt
+    tpl = go_template(tok)
+    convo = CONVERSATION if name != "gemma-2-2b-it" else CONVERSATION[1:]  # Gemma 2 refuses a system turn
+    jinja = tok.apply_chat_template(convo, add_generation_prompt=True)
+    if "bos_token" in tok.chat_template and tok.bos_id is not None:
+        jinja = jinja.removeprefix(tok.id_to_token(tok.bos_id))  # llama.cpp / Ollama add BOS themselves
+    assert go_render(tpl, convo) == jinja
+    if llama_cpp_same:
+        from lmforge.export.llama_cpp import LlamaCppUnavailable, chat_template_apply
+
+        try:
+            assert chat_template_apply(tok.chat_template, convo) == jinja
+        except LlamaCppUnavailable as e:
+            pytest.skip(str(e))
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b-instruct", "mistral-7b-instruct-v0.3", "gemma-3-1b-it"])
+def test_ollama_template_untranslatable_falls_back(name):
+    from lmforge.export.ollama import chat_format, modelfile
+
+    tok = _template_tokenizer(name)
+    assert chat_format(tok) is None  # (Llama 3.2 writes today's date; Gemma 3 folds the system turn)
+    with pytest.warns(UserWarning, match="not one lmforge can translate"):
+        text = modelfile("model.gguf", tok, 512)
+    assert 'TEMPLATE """{{ .Prompt }}"""' in text
+
+
+def test_ollama_modelfile_content(tmp_path):
+    """A whole export: the Modelfile's instructions are Ollama's, FROM names the GGUF next to it, the
+    template is the model's (ChatML), stop parameters are its end-of-turn tokens, and llama.cpp stops at
+    those tokens too."""
+    import torch
+
+    from lmforge.checkpoint import save_model
+    from lmforge.config import preset
+    from lmforge.export import export
+    from lmforge.export.gguf import read_gguf
+    from lmforge.model import build
+
+    tok = _template_tokenizer("qwen3-0.6b")
+    torch.manual_seed(0)
+    eos = tok.token_to_id("<|im_end|>")
+    cfg = preset("llama", "debug", vocab_size=tok.vocab_size, eos_token_id=eos)
+    save_model(build(cfg), tmp_path / "ckpt", tokenizer=tok)
+    out = export(tmp_path / "ckpt", "ollama", tmp_path / "oll", dtype="q8_0")
+    text = (out / "Modelfile").read_text()
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "FROM ./model.gguf" and (out / "model.gguf").is_file()
+    tpl = re.search(r'TEMPLATE """(.*?)"""', text, re.S)[1]
+    heads = [ln.split()[0] for ln in lines if not ln.startswith(("{{", "<", " ")) and ln.split()[0].isupper()]
+    assert set(heads) <= OLLAMA_INSTRUCTIONS, heads
+    assert go_render(tpl, CONVERSATION) == tok.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+    stops = re.findall(r'^PARAMETER stop "(.*)"$', text, re.M)
+    assert "<|im_end|>" in stops and set(stops) == {tok.id_to_token(i) for i in tok.stop_ids()}
+    assert re.search(r"^PARAMETER num_ctx 64$", text, re.M) or re.search(
+        r"^PARAMETER num_ctx \d+$", text, re.M
+    )
+    meta = read_gguf(out / "model.gguf")["metadata"]
+    assert meta["tokenizer.chat_template"] == tok.chat_template
+    try:
+        from lmforge.export.llama_cpp import LlamaCpp
+
+        llm = LlamaCpp(out / "model.gguf", n_ctx=64, n_threads=1)
+    except ImportError:
+        return
+    assert all(llm.is_eog(tok.token_to_id(s)) for s in stops)  # llama.cpp stops where Ollama is told to
+    llm.close()

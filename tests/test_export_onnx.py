@@ -160,10 +160,19 @@ def test_runner_greedy_matches_lmforge(llama):
 
 
 # Each family once (export ~10-20 s on 2 cores): what it exports and the parts of the graph that
-# differ (learned positions, sliding window, dense MoE, Gemma's scaled embeddings and (1 + w) norms).
+# differ (learned positions, sliding window, dense MoE, Gemma's scaled embeddings and (1 + w) norms,
+# Qwen3's q/k norms, Gemma 2's soft-caps and per-layer windows).
 @pytest.mark.parametrize(
     "family, overrides",
-    [("gpt2", {}), ("mistral", {"sliding_window": 8}), ("gemma", {}), ("mixtral", {}), ("gpt", {})],
+    [
+        ("gpt2", {}),
+        ("mistral", {"sliding_window": 8}),
+        ("gemma", {}),
+        ("mixtral", {}),
+        ("gpt", {}),
+        ("qwen3", {}),  # per-head q/k norms
+        ("gemma2", {"sliding_window": 8}),  # soft-caps, sliding and full layers, sandwich norms
+    ],
 )
 def test_family_exports_match(tmp_path, family, overrides):
     model = make_checkpoint(tmp_path / "ckpt", family, **overrides)
@@ -252,3 +261,22 @@ def test_runner_errors(llama):
         generate(ckpt, [1, 2], 3)
     with pytest.raises(UserError, match="context"):
         generate(out, [1, 2], 10_000)
+
+
+def test_longrope_phi_export_generates_like_lmforge(tmp_path):
+    """Phi-4-mini (LongRoPE, partial rotary, fused files; tiny, from its hub config): the export's own
+    check passes and the runner, whose prompt of 5 grows past the pretraining length of 8, gives
+    lmforge's greedy tokens (both recompute the sequence with the long factors there)."""
+    import lmforge
+    from lmforge.infer import generate as lm_generate
+    from tests.hub_models import save_hub_model
+
+    save_hub_model("phi-4-mini", tmp_path / "hf")
+    out = export(tmp_path / "hf", "onnx", tmp_path / "onnx", with_cache=True)
+    assert json.loads((out / "lmforge_onnx.json").read_text())["longrope_original"] == 8
+    lm = lmforge.load(tmp_path / "hf", device="cpu")
+    prompt = [5, 9, 17, 33, 65]
+    assert (
+        generate(out, prompt, 10)
+        == lm_generate(lm, [prompt], max_new_tokens=10, temperature=0, ignore_eos=True)[0]
+    )

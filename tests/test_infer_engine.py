@@ -344,3 +344,68 @@ def test_compiled_cpu_decode_step_equals_eager_for_each_engine():
             model.blocks[0].mlp.w_out.weight.mul_(3)
         after = greedy(compiled)
         assert after == greedy(Engine(model, max_batch=1, max_len=64)) and after != before
+
+
+# ------------------------------------------------------------------ prefix cache
+def _run_logits(monkeypatch, eng, prompts_by_round, **kw):
+    """Run each round's prompts through `eng` (a new add per round, the engine drained in between
+    unless busy), recording the logits every sequence's tokens were sampled from."""
+    seen = {}
+    orig = Engine._deliver
+
+    def deliver(self, logits, tok, batch_rows, live):
+        for j, r in enumerate(batch_rows):
+            if r in live:
+                seen.setdefault(self.rows[r].id, []).append(logits[j].clone())
+        return orig(self, logits, tok, batch_rows, live)
+
+    monkeypatch.setattr(Engine, "_deliver", deliver)
+    seqs = []
+    for rnd in prompts_by_round:
+        new = [Sequence(p, SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)) for p, n in rnd]
+        eng.add(new)
+        seqs += new
+        eng.step()
+    while eng.active:
+        eng.step()
+    monkeypatch.setattr(Engine, "_deliver", orig)
+    return seqs, [torch.stack(seen[s.id]) for s in seqs]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_prefix_cache_gives_identical_logits(monkeypatch, family):
+    """Shared system prompt, a request joining a running batch, and the next turn of a finished
+    conversation: with the prefix cache, their logits equal the uncached engine's (1e-5)."""
+    lm = _lm(family)  # mistral debug: window 64; the decode runs past it (the ring wraps)
+    g = torch.Generator().manual_seed(0)
+    system = torch.randint(0, VOCAB, (37,), generator=g).tolist()
+    a, b, c = (torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3))
+    rounds = [[(system + a, 30)], [(system + b, 40)], [(system + c, 8), (system[:20], 5)]]
+    on = Engine(lm.model, None, max_batch=4, prefix_cache=True)
+    s_on, l_on = _run_logits(monkeypatch, on, rounds)
+    turn2 = s_on[0].prompt_ids + s_on[0].token_ids[:-1] + [7, 8]  # the conversation goes on
+    s2_on, l2_on = _run_logits(monkeypatch, on, [[(turn2, 6)]])
+    off = Engine(lm.model, None, max_batch=4)
+    s_off, l_off = _run_logits(monkeypatch, off, rounds)
+    s2_off, l2_off = _run_logits(monkeypatch, off, [[(turn2, 6)]])
+    assert [s.cached_tokens for s in s_on] == [0, 32, 32, 16]
+    if family == "llama":  # the finished conversation was stored, reply included
+        assert s2_on[0].cached_tokens == (len(turn2) - 1) // 16 * 16 > 32
+    else:  # its 71 tokens overran the 64-slot ring: only the prompt's blocks were kept
+        assert s2_on[0].cached_tokens == 32
+    assert on.stats["cached_prompt_tokens"] == 80 + s2_on[0].cached_tokens
+    for x, y in zip(l_on + l2_on, l_off + l2_off):
+        assert torch.allclose(x, y, atol=1e-5), (x - y).abs().max()
+    assert [s.token_ids for s in s_on + s2_on] == [s.token_ids for s in s_off + s2_off]
+
+
+def test_prefix_cache_lru_is_bounded():
+    from lmforge.infer.prefix_cache import BLOCK
+
+    lm = _lm("llama")
+    eng = Engine(lm.model, None, max_batch=1, prefix_cache=3 * BLOCK)
+    for seed in range(4):
+        p = torch.randint(0, VOCAB, (2 * BLOCK + 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+        eng.add([Sequence(p, SamplingParams(max_new_tokens=1))])
+        assert len(eng.prefix) <= 3 * BLOCK
+    assert eng.prefix.lookup(p) and not eng.prefix.lookup([1] * 40)  # the newest prompt is still there

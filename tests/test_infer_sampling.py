@@ -241,3 +241,73 @@ def test_cli_refuses_out_of_range_sampling_before_loading(argv, message, tmp_pat
     assert main([argv[0], str(tmp_path / "no-such-checkpoint"), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert message in err and "no-such-checkpoint" not in err, err
+
+
+# ------------------------------------------------------------------ presence / frequency penalties, bias
+def test_presence_frequency_and_bias_equal_hand_computation():
+    """OpenAI's formula over the generated tokens only (the prompt does not count), bias added, per row."""
+    s = Sampler(3, V, "cpu")
+    s.set_row(0, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), prompt_ids=[7, 7, 7])
+    s.set_row(1, SamplingParams(logit_bias={"3": -100, 4: 2.5}))
+    s.set_row(2, SamplingParams())  # untouched
+    for toks in ([3, 4, 5], [3, 9, 5], [8, 9, 5]):
+        s.observe(torch.tensor(toks))
+    x = _logits()[:3]
+    out = s.process(x)
+    want0 = x[0].clone()
+    for t, n in {3: 2, 8: 1}.items():  # row 0 generated 3 twice and 8 once; 7 is only in the prompt
+        want0[t] -= n * 0.25 + 0.5
+    want1 = x[1].clone()
+    want1[3] -= 100
+    want1[4] += 2.5
+    assert torch.allclose(out[0], want0) and torch.allclose(out[1], want1) and torch.equal(out[2], x[2])
+    s.set_row(0, SamplingParams(frequency_penalty=1.0))  # a new request: counts start over
+    assert torch.equal(s.process(x)[0], x[0])
+
+
+def test_penalised_greedy_generation_equals_hand_loop():
+    """Greedy decoding with frequency/presence penalties: each token is argmax(raw - penalties) of a
+    naive forward pass (both rows of the batch), and the penalty changes the output."""
+    from lmforge.config import preset
+    from lmforge.infer import generate
+    from lmforge.model import build
+
+    torch.manual_seed(0)
+    model = build(preset("llama", "debug", vocab_size=V)).eval()
+    prompt = [5, 6, 7, 8]
+    kw = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
+    out = generate(model, [prompt, prompt], **kw, frequency_penalty=2.0, presence_penalty=2.0)
+    ids, counts = list(prompt), torch.zeros(V)
+    with torch.no_grad():
+        for _ in range(24):
+            x = model(torch.tensor([ids]))[0, -1] - counts * 2.0 - (counts > 0).float() * 2.0
+            t = int(x.argmax())
+            ids.append(t)
+            counts[t] += 1
+    assert out[0] == ids[len(prompt) :] == out[1]
+    plain = generate(model, prompt, **kw)
+    assert plain != out[0]  # the penalty changed something (a random model repeats itself greedily)
+    mixed = generate(model, [prompt], **kw, logit_bias={plain[0]: -100})
+    assert mixed[0][0] != plain[0]
+
+
+def test_penalty_and_bias_validation_and_greedy_rule():
+    for kw in (
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3},
+        {"presence_penalty": float("nan")},
+        {"logit_bias": {1: 101}},
+        {"logit_bias": {"x": 1}},
+        {"logit_bias": {-1: 1}},
+        {"logprobs": 21},
+        {"prompt_logprobs": -1},
+    ):
+        with pytest.raises(UserError):
+            SamplingParams(**kw)
+    assert SamplingParams(logit_bias={"12": -100}).logit_bias == {12: -100.0}
+    assert SamplingParams(temperature=1e-6).greedy and not SamplingParams(temperature=1e-5).greedy
+    s = Sampler(2, V, "cpu")
+    s.set_row(0, SamplingParams(temperature=1e-7))  # greedy: no division by a tiny temperature
+    s.set_row(1, SamplingParams(temperature=0))
+    x = _logits()[:2]
+    assert torch.equal(s(x), x.argmax(-1))

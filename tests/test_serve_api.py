@@ -230,16 +230,21 @@ def test_errors(server):
             ({"prompt": []}, "prompt"),
             ({"prompt": [[1, 2], []]}, "prompt"),
             ({"prompt": [10**9]}, "prompt"),
-            ({"prompt": "x", "logprobs": 3}, "logprobs"),
-            ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+            ({"prompt": "x", "logprobs": 21}, "logprobs"),  # at most 20
+            ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),  # OpenAI's [-2, 2]
+            ({"prompt": "x", "logit_bias": {"7": 101}}, "logit_bias.7"),
+            ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias"),
             ({}, "prompt"),
         ]
         for body, param in bad:
             assert_error(h.post("/v1/completions", json=body), 400, param)
         chat_bad = [
             ({"messages": []}, "messages"),
-            ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
-            ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
+            ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+            ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),  # no tool_call_id
+            ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools.0.function"),
+            ({"messages": CHAT, "tool_choice": "auto"}, "tool_choice"),  # without tools
+            ({"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs
             ({"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
         ]
         for body, param in chat_bad:

@@ -92,3 +92,39 @@ def test_cli_user_errors(serve_ckpt, capsys):  # noqa: F811
     ]:
         assert main(["serve", ckpt, *argv]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_long_context_model_gets_a_bounded_cache_and_serves(tmp_path, monkeypatch):
+    """A tiny model with Llama 3.2's context (131072) starts with a KV cache that fits the machine, not
+    max_batch x 131072 slots, and a request that cannot fit it is a 400 naming both numbers."""
+    from serve_helpers import Server, build_checkpoint
+
+    from lmforge.infer import kv_budget
+    from lmforge.serve.serving import cache_bytes
+
+    # the default budget of a small machine (the debug model's full-context cache would fit this one)
+    monkeypatch.setattr(kv_budget, "DEFAULT_CAP", 64 << 20)
+    ckpt, _ = build_checkpoint(tmp_path / "long", max_seq_len=131072)
+    models = load_models(ckpt, device="cpu", max_batch=4)
+    engine = models[0].engine
+    assert models[0].model_context == 131072
+    assert 1024 <= engine.max_len < 131072 and cache_bytes(engine) <= 64 << 20
+    with TestClient(create_app(models)) as c:
+        r = c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        too_many = engine.max_len + 10
+        err = assert_error(c.post("/v1/completions", json={"prompt": "Hello", "max_tokens": too_many}), 400,
+                           "max_tokens", (str(too_many), str(engine.max_len), "131072"))  # fmt: skip
+        assert err["code"] == "context_length_exceeded"
+    # the CLI's sizing options, and what startup says it allocated
+    with Server(
+        ckpt, "--max-batch", "2", "--max-len", "512", "--kv-cache-memory", "64MiB", log_dir=tmp_path
+    ) as s:
+        assert "KV cache: 2 rows x 512 tokens" in s.log()
+        import httpx
+
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 600}, timeout=60)
+        assert_error(r, 400, "max_tokens", ("600", "512"))
+    from lmforge.cli import main
+
+    assert main(["serve", str(ckpt), "--max-len", "100000", "--kv-cache-memory", "1MiB"]) == 2

@@ -60,7 +60,7 @@ def test_training_layout(tok):
     assert tok.stop_ids == [tok.eos_id, tok.token_to_id("<|end|>")]
     assert tok.chat_template == CHAT_TEMPLATE
     # Merges learned something: common words are single tokens.
-    assert len(tok.encode(" quick")) == 1
+    assert len(tok.encode(" quick", bos=False)) == 1
 
 
 def test_vocab_too_small_is_a_user_error():
@@ -79,22 +79,28 @@ unicode_text = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(unicode_text)
 def test_roundtrip_arbitrary_unicode(tok, s):
-    ids = tok.encode(s)
+    ids = tok.encode(s, bos=False)
     assert tok.decode(ids) == s
+    assert tok.encode(s) == [tok.bos_id, *ids] == tok.encode_prompt(s)  # lmforge's rule: BOS + text
     assert tok.decode(tok.encode(s, bos=True, eos=True)) == "<|bos|>" + s + "<|eos|>"
     if not any(t in s for t in SPECIAL_TOKENS):  # special-token text is parsed as the token itself
         assert tok.decode(tok.encode(s, bos=True, eos=True), skip_special=True) == s
 
 
 def test_bos_eos_flags(tok):
-    ids = tok.encode("hi")
+    ids = tok.encode("hi", bos=False)
     assert tok.encode("hi", bos=True, eos=True) == [tok.bos_id, *ids, tok.eos_id]
-    assert tok.encode_batch(["hi", "yo"], bos=True) == [[tok.bos_id, *ids], [tok.bos_id, *tok.encode("yo")]]
+    assert tok.encode("hi") == tok.encode_prompt("hi") == [tok.bos_id, *ids]  # the default follows the rule
+    assert tok.add_bos and not tok.add_eos
+    yo = tok.encode("yo", bos=False)
+    assert tok.encode_batch(["hi", "yo"], bos=True) == [[tok.bos_id, *ids], [tok.bos_id, *yo]]
+    assert tok.encode_batch(["hi", "yo"]) == [tok.encode("hi"), tok.encode("yo")]
+    assert tok.encode_batch(["hi"], bos=False) == [ids]
     # Special-token text is parsed as the special token (as transformers does), unless special=False.
     assert tok.token_to_id("<|user|>") in tok.encode(TEXTS[5])
-    plain = tok.encode(TEXTS[5], special=False)
+    plain = tok.encode(TEXTS[5], bos=False, special=False)
     assert not set(plain) & set(tok.special_tokens.values()) and tok.decode(plain) == TEXTS[5]
-    assert tok.encode_batch([TEXTS[5]], special=False) == [plain]
+    assert tok.encode_batch([TEXTS[5]], bos=False, special=False) == [plain]
     assert tok.token_to_id("<|user|>") in tok.encode(TEXTS[5])  # the switch does not stick
 
 
@@ -132,8 +138,9 @@ def test_transformers_parity_plain_text(tok, tok_dir):
     hf = _hf(tok_dir)
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     for t in TEXTS + CORPUS[:6]:
-        assert hf(t)["input_ids"] == tok.encode(t), t  # no BOS added behind our back
-        assert hf.encode(t, add_special_tokens=False) == tok.encode(t)
+        assert hf(t)["input_ids"] == tok.encode(t), t  # the same BOS rule: BOS + text
+        assert hf(t)["input_ids"][0] == tok.bos_id
+        assert hf.encode(t, add_special_tokens=False) == tok.encode(t, bos=False)
         assert hf.decode(tok.encode(t)) == tok.decode(tok.encode(t))
     assert hf(TEXTS)["input_ids"] == tok.encode_batch(TEXTS)
 
@@ -172,7 +179,7 @@ def test_token_bytes_sum_to_utf8_length(tok):
 
 def test_stream_decoder_never_breaks_characters(tok):
     text = "日本語のテキスト 🎉👍🏽🇫🇷 and ça va, 한국어!"
-    ids = tok.encode(text)
+    ids = tok.encode(text, bos=False)
     # The byte-level vocabulary splits some characters across tokens: the case that matters.
     assert any("\ufffd" in tok.decode([i]) for i in ids)
     dec = tok.stream_decoder()
@@ -220,7 +227,7 @@ def test_foreign_tokenizers(tmp_path):
 def test_compression_report(tok):
     c = compression(tok, CORPUS[:6])
     assert c["bytes"] == sum(len(t.encode()) for t in CORPUS[:6])
-    assert c["tokens"] == sum(len(tok.encode(t)) for t in CORPUS[:6])
+    assert c["tokens"] == sum(len(tok.encode(t, bos=False)) for t in CORPUS[:6])
     assert c["bytes_per_token"] > 2  # a trained vocabulary beats one token per byte by far
 
 

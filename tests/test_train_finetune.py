@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -86,6 +87,10 @@ def test_lora_trains_only_adapters_and_merges_exactly(corpus, tmp_path, one_thre
         "tokenizer.json",
         "tokenizer_config.json",
     ]
+    cfg = json.loads((final / "adapter_config.json").read_text())  # the PEFT format (test_lora_peft.py)
+    assert (
+        cfg["peft_type"] == "LORA" and cfg["r"] == 8 and cfg["base_model_name_or_path"] == str(base.resolve())
+    )
     unmerged = load_lora_model(final)
     assert sum(isinstance(m, LoRALinear) for m in unmerged.modules()) == 4 * unmerged.config.n_layers
     assert any(float(p.abs().max()) > 0 for n, p in lora_state_dict(unmerged).items() if "lora_B" in n)
@@ -141,3 +146,27 @@ def test_lora_rejects_unknown_targets(corpus, tmp_path):  # noqa: F811
     model = load_model(base_model(corpus, tmp_path / "base"))
     with pytest.raises(UserError, match="choose among wqkv, wo, w_in, w_out"):
         apply_lora(model, rank=4, targets=["q_proj"])
+
+
+@pytest.mark.parametrize("bias,dropout", [(True, 0.0), (False, 0.3)])
+def test_lora_layer_gradients_equal_autograd_of_the_formula(bias, dropout):
+    """LoRALinear trains through one fused autograd node (_LoRAMatmul): its output and gradients equal
+    autograd's over y = x W^T + b + s dropout(x) A^T B^T (same dropout mask), in float64."""
+    base = torch.nn.Linear(7, 5, bias=bias).double()
+    m = LoRALinear(base, rank=3, alpha=6.0, dropout=dropout).double()
+    with torch.no_grad():
+        m.lora_B.normal_(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    y = m(x)
+    assert type(y.grad_fn).__name__ == "_LoRAMatmulBackward"
+    g = torch.randn_like(y)
+    got = torch.autograd.grad((y * g).sum(), (x, m.lora_A, m.lora_B))
+    torch.manual_seed(1)
+    xd = m.lora_dropout(x)
+    ref = torch.nn.functional.linear(x, m.weight, m.bias) + (xd @ m.lora_A.t()) @ m.lora_B.t() * m.scale
+    want = torch.autograd.grad((ref * g).sum(), (x, m.lora_A, m.lora_B))
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert m.weight.grad is None  # the base stays frozen

@@ -128,7 +128,7 @@ def test_cli_lora_sigint_then_resume_is_exact(corpus, tmp_path, one_thread):  # 
     train(ref_cfg)
     assert losses(tmp_path / "lora") == losses(tmp_path / "lora_ref")
     cfg = json.loads((tmp_path / "lora/final/adapter_config.json").read_text())
-    assert cfg["rank"] == 4 and cfg["base_model"] == str(base.resolve())
+    assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(base.resolve())  # PEFT format
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(corpus, tmp_path, one_thread):  # noqa: F811

@@ -164,6 +164,9 @@ def _structured(model, method, sparsity, structure, calibration, log):
             if p + "wqkv.bias" in sd:
                 sd[p + "wqkv.bias"] = sd[p + "wqkv.bias"][rows]
             sd[p + "wo.weight"] = sd[p + "wo.weight"][:, q_rows]
+            if cfg.qk_norm == "full":  # OLMo 2: one norm weight per q / k channel goes with its head
+                sd[p + "q_norm.weight"] = sd[p + "q_norm.weight"][q_rows]
+                sd[p + "k_norm.weight"] = sd[p + "k_norm.weight"][kv_rows]
         what = f"{n_drop} of {units} {'KV groups' if KV > 1 else 'query heads'} per layer"
     else:
         ff = cfg.d_ff

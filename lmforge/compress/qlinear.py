@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge import hf
 from lmforge.infer import rows
 from lmforge.model import Transformer
 from lmforge.utils import UserError
@@ -418,47 +419,22 @@ def install_quantized(model, qcfg: dict, group_sizes: dict[str, int] | None = No
 _QSUFFIXES = ("qweight", "scales", "zeros")
 
 
-def _rows(cfg):
-    from lmforge.checkpoint import _layout
-
-    return _layout(cfg)
-
-
 def quantized_state_dict(model) -> tuple[dict[str, torch.Tensor], torch.dtype]:
     """(HF-named tensors of a quantized model, its float dtype) for checkpoint.save_model."""
     cfg, sd = model.config, model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for ours, theirs, how in _rows(cfg):
+    for ours, theirs, how in hf.layout(cfg):
         if ours in sd:
-            t = sd[ours].detach()
-            if how == "same":
-                out[theirs[0]] = t
-            elif how == "T":
-                out[theirs[0]] = t.t()
-            elif how == "cat":
-                out.update(zip(theirs, t.split(_cat_sizes(cfg, theirs), dim=0)))
-            elif how == "experts_in":
-                for e in range(cfg.n_experts):
-                    out[theirs[2 * e]], out[theirs[2 * e + 1]] = t[e].split([cfg.d_ff, cfg.d_ff], dim=0)
-            elif how == "experts_out":
-                out.update((theirs[e], t[e]) for e in range(cfg.n_experts))
+            out.update(hf.to_hf_tensors(cfg, sd[ours].detach(), theirs, how))
             continue
         base = ours.rsplit(".", 1)[0]
         for suffix in _QSUFFIXES:
             t = sd.get(f"{base}.{suffix}")
-            if t is None:
-                continue
-            names = [n.rsplit(".", 1)[0] + "." + suffix for n in theirs]
-            if how == "cat":  # rows of q | k | v (or gate | up): every quantized tensor splits by rows
-                out.update(zip(names, t.split(_cat_sizes(cfg, theirs), dim=0)))
-            else:  # same, or T: quantized tensors are always stored (out, in)
-                out[names[0]] = t
+            if t is not None:  # quantized tensors are (out, in) whatever the family: rows split, never T
+                names = [n.rsplit(".", 1)[0] + "." + suffix for n in theirs]
+                out.update(hf.to_hf_tensors(cfg, t, names, how, rows_only=True))
     float_dtype = model.tok_emb.weight.dtype
     return {k: v.contiguous().cpu() for k, v in out.items()}, float_dtype
-
-
-def _cat_sizes(cfg, theirs) -> list[int]:
-    return [cfg.q_dim, cfg.kv_dim, cfg.kv_dim] if len(theirs) == 3 else [cfg.d_ff, cfg.d_ff]
 
 
 def check_scheme(qcfg, where) -> dict:
@@ -480,12 +456,14 @@ def load_quantized(path, cfg, files, device="cpu", dtype: torch.dtype | None = N
     # int4 group sizes come from the stored scales (a layer whose width G does not divide may differ)
     group_sizes = {}
     if int(qcfg["bits"]) == 4:
-        rows = {ours.rsplit(".", 1)[0]: theirs for ours, theirs, _ in _rows(cfg)}
+        hf_names = {ours.rsplit(".", 1)[0]: theirs for ours, theirs, _ in hf.layout(cfg)}
         for name, parent, attr in target_linears(model, qcfg):
-            hf = rows[name][0].rsplit(".", 1)[0] + ".scales"
-            s = files.get(hf)
+            scales = hf_names[name][0].rsplit(".", 1)[0] + ".scales"
+            s = files.get(scales)
             if s is None:
-                raise UserError(f"{path}: missing tensor {hf}; the weights do not match quantization_config")
+                raise UserError(
+                    f"{path}: missing tensor {scales}; the weights do not match quantization_config"
+                )
             group_sizes[name] = getattr(parent, attr).in_features // s.shape[1]
     install_quantized(model, qcfg, group_sizes)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -500,30 +478,19 @@ def load_quantized(path, cfg, files, device="cpu", dtype: torch.dtype | None = N
         used.add(name)
         return t
 
-    for ours, theirs, how in _rows(cfg):
+    for ours, theirs, how in hf.layout(cfg):
         if ours in expected:
             ts = [get(n) for n in theirs]
-            if any(t is None for t in ts):
-                continue
-            if how == "same":
-                sd[ours] = ts[0]
-            elif how == "T":
-                sd[ours] = ts[0].t()
-            elif how == "cat":
-                sd[ours] = torch.cat(ts, dim=0)
-            elif how == "experts_in":
-                sd[ours] = torch.stack([torch.cat(ts[2 * e : 2 * e + 2], 0) for e in range(cfg.n_experts)])
-            elif how == "experts_out":
-                sd[ours] = torch.stack(ts)
+            if all(t is not None for t in ts):
+                sd[ours] = hf.from_hf_tensors(cfg, ts, how)
             continue
         base = ours.rsplit(".", 1)[0]
         for suffix in _QSUFFIXES:
             if f"{base}.{suffix}" not in expected:
                 continue
             ts = [get(n.rsplit(".", 1)[0] + "." + suffix) for n in theirs]
-            if any(t is None for t in ts):
-                continue
-            sd[f"{base}.{suffix}"] = torch.cat(ts, dim=0) if how == "cat" else ts[0]
+            if all(t is not None for t in ts):
+                sd[f"{base}.{suffix}"] = hf.from_hf_tensors(cfg, ts, how, rows_only=True)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise UserError(
@@ -534,11 +501,7 @@ def load_quantized(path, cfg, files, device="cpu", dtype: torch.dtype | None = N
     if bad:
         k, got, want = bad[0]
         raise UserError(f"{path}: tensor for {k} has shape {got} but config.json implies {want}")
-    unexpected = sorted(
-        n
-        for n in files.names() - used
-        if not n.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
-    )
+    unexpected = sorted(n for n in files.names() - used if not n.endswith(hf.IGNORED_SUFFIXES))
     if unexpected:
         raise UserError(
             f"{path}: tensors not used by this quantized {cfg.family} model: "

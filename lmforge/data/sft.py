@@ -5,12 +5,21 @@ Input: JSON lines (or a JSON array) of either
 - Alpaca format: {"instruction": "...", "input": "..." (optional), "output": "...", "system": optional}
   which becomes [system?], user = instruction (+ blank line + input), assistant = output.
 
-Each conversation is rendered with the tokenizer's chat template and tokenized as a whole (the ids
-are exactly `tokenizer.encode_chat(messages)`). The loss mask covers each assistant message's
-content and its end marker, not the role marker, not system/user text: the mask is found by
-rendering prefixes of the conversation (up to the generation prompt before an assistant message, and
-up to the end of it) and mapping those character spans onto tokens through their offsets, so it
-holds for any template that renders conversations incrementally.
+A record may carry `tools` (OpenAI function schemas) next to `messages`; messages may be assistant
+turns with `tool_calls` (OpenAI shape; `content` may be null) and `tool` results with `tool_call_id`.
+
+Each conversation is rendered once with the tokenizer's chat template and tokenized as a whole (the
+ids are exactly `tokenizer.encode_chat(messages, tools=tools)`). The loss mask covers what the model
+writes in each assistant turn: the text from the end of the generation prompt to the turn's end
+marker, inclusive (its content, any reasoning block and tool calls the template renders there, and the
+end-of-turn token such as <|im_end|>, <|eot_id|>, <end_of_turn> or </s>); never role headers, system,
+user or tool text. The spans are found in the one full rendering, so templates that render a message
+differently once later messages follow (Qwen3 drops earlier <think> blocks) work too:
+- a template with `{% generation %}` blocks (transformers' assistant-mask tag) gives the spans itself;
+- otherwise, a turn starts where the rendering of the conversation before it plus the generation
+  prompt stops agreeing with the full rendering (past the previous message), and ends at the first
+  end-of-turn token after the assistant's content.
+Character spans map onto tokens through the tokenizer's offsets.
 
 Rows: conversations are packed greedily, in a per-epoch shuffled order, into rows of seq_len + 1
 tokens, the rest padded. x = row[:-1]; y = row[1:] with -100 wherever the target is not an assistant
@@ -32,7 +41,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.utils import UserError
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def alpaca_to_messages(rec: dict) -> list[dict]:
@@ -46,13 +55,26 @@ def alpaca_to_messages(rec: dict) -> list[dict]:
     ]
 
 
+class Conversation(list):
+    """A list of messages that also carries the record's `tools` (None when it has none)."""
+
+    def __init__(self, messages=(), tools: list[dict] | None = None):
+        super().__init__(messages)
+        self.tools = tools
+
+
 def _check_messages(msgs, where: str) -> str | None:
     """Why `msgs` is not a usable conversation, or None."""
     if not isinstance(msgs, list) or not msgs:
         return "'messages' is not a non-empty list"
     for m in msgs:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            return f"a message is not {{'role': system|user|assistant, 'content': str}}: {str(m)[:80]}"
+        ok = isinstance(m, dict) and m.get("role") in ROLES
+        calls = ok and m["role"] == "assistant" and isinstance(m.get("tool_calls"), list) and m["tool_calls"]
+        if not ok or not (isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
+            return (
+                "a message is not {'role': system|user|assistant|tool, 'content': str} (or an assistant "
+                f"message with 'tool_calls'): {str(m)[:80]}"
+            )
     if not any(m["role"] == "assistant" for m in msgs):
         return "no assistant message (nothing to learn from)"
     return None
@@ -89,30 +111,86 @@ def load_conversations(
             stats.malformed += 1
             stats.note(f"{where}: {why}, skipped")
             continue
-        convs.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+        tools = rec.get("tools") if isinstance(rec.get("tools"), list) and rec.get("tools") else None
+        convs.append(Conversation([dict(m) for m in msgs], tools))
     if not convs:
         raise UserError(f"{p}: no usable conversations ({'; '.join(stats.summary()[:3]) or 'empty file'}).")
     return convs
 
 
-def render_with_mask(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(ids, mask): ids = encode_chat(messages); mask[i] = 1 where token i is assistant content/end marker."""
-    text = tokenizer.apply_chat_template(messages)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        end = tokenizer.apply_chat_template(messages[: i + 1])
-        if not (text.startswith(end) and end.startswith(start)):
-            raise UserError(
-                "the chat template does not render conversations incrementally (a prefix of the "
-                "conversation is not a prefix of its rendering), so the assistant tokens cannot be found."
-            )
-        spans.append((len(start), len(end)))
+def render_with_mask(
+    tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None, **template_kwargs
+) -> tuple[list[int], list[int]]:
+    """(ids, mask): ids = encode_chat(messages, tools=tools); mask[i] = 1 where token i is written by
+    an assistant turn (from the end of its generation prompt through its end marker)."""
+    tools = tools if tools is not None else getattr(messages, "tools", None)
+    text, spans = tokenizer._render(messages, False, tools, None, template_kwargs, track=True)
+    if not spans:
+        spans = _assistant_spans(tokenizer, list(messages), text, tools, template_kwargs)
     ids, offsets = tokenizer.encode_with_offsets(text)
     mask = [int(any(a <= o[0] < b for a, b in spans)) for o in offsets]
     return ids, mask
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
+
+
+def _find_content(text: str, content, start: int) -> tuple[int, int] | None:
+    """(start, end) of a message's content in the rendering at or after `start`; templates may trim
+    it or (Qwen3) split off a reasoning block, so the stripped text and the part after </think> count."""
+    if not isinstance(content, str) or not content.strip():
+        return None
+    for c in (content, content.strip(), content.split("</think>")[-1].strip()):
+        k = text.find(c, start) if c else -1
+        if k >= 0:
+            return k, k + len(c)
+    return None
+
+
+def _assistant_spans(tokenizer, messages, text, tools, kwargs) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `text`, the full rendering of `messages`."""
+    markers = tokenizer.end_markers()
+    spans, done = [], 0  # done: where the previous assistant turn ends in `text`
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        # Where the message before this turn ends (searched from the previous turn on: a template may
+        # move text, like Mistral's system message into the last user turn).
+        prev = _find_content(text, messages[i - 1].get("content"), done) if i else None
+        cursor = prev[1] if prev else done
+        try:
+            head = tokenizer._render(messages[:i], True, tools, None, kwargs)[0] if i else ""
+        except UserError:  # a template that refuses the shorter conversation: start after the last message
+            head = text[:cursor]
+        start = _common_prefix(text, head)
+        if start < cursor:  # the prompt renders earlier text differently (Mistral's tools block moved)
+            found = _find_content(head, messages[i - 1].get("content"), 0) if i else None
+            tail = head[found[1] :] if found else ""
+            start = cursor + _common_prefix(text[cursor:], tail)
+        found = _find_content(text, m.get("content"), start)
+        after = found[1] if found else start
+        ends = [(k, len(t)) for t in markers if (k := text.find(t, after)) >= 0]
+        if ends:
+            k, n = min(ends)
+            end = k + n
+        elif found:
+            end = found[1]
+        else:
+            raise UserError(
+                f"cannot find assistant message {i} in the rendered conversation (the chat template "
+                "drops it, or it ends with no end-of-turn token); check the template and the message."
+            )
+        spans.append((start, end))
+        done = end
+    return spans
 
 
 def explain_mask(tokenizer: Tokenizer, messages: list[dict]) -> str:
@@ -159,6 +237,8 @@ class SFTLoader(EpochCursor):
         self.truncated = 0
         for msgs in convs:
             ids, mask = render_with_mask(tokenizer, msgs)
+            if not any(mask):
+                raise UserError("a conversation renders with no assistant tokens: check the chat template")
             if len(ids) > seq_len + 1:
                 self.truncated += 1  # cut at the row length; the rest of the conversation is not seen
                 ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]

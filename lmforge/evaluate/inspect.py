@@ -13,9 +13,9 @@ Writes to the output directory:
 
 Attention probabilities are not returned by scaled_dot_product_attention, so they are re-derived:
 a forward pre-hook on every `blocks[i].attn` receives exactly the inputs the layer gets (hidden
-states, RoPE angles, mask), recomputes q and k with the layer's own projection and
-`lmforge.model.apply_rope`, and takes softmax(q k^T / sqrt(hd)) under the same mask (causal, sliding
-window). The model itself is not changed.
+states, RoPE angles, mask), recomputes q and k with the layer's own `project` (projection, q/k norms,
+RoPE), and takes softmax of the layer's scaled (and, for Gemma 2, soft-capped) scores under the same
+mask (causal, sliding window). The model itself is not changed.
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ from lmforge.utils import UserError, atomic_write_text
 def attention_probs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Forward ids (B, T) through the model; returns logits (B, T, V) and, per layer, the attention
     probabilities (B, H, T, T) in float32 (rows sum to 1; zero above the diagonal)."""
-    from lmforge.model import apply_rope
-
     probs: list[torch.Tensor | None] = [None] * len(model.blocks)
 
     def make_hook(i):
@@ -48,16 +46,13 @@ def attention_probs(model, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.
             x, rope, mask, is_causal, cache = a["x"], a["rope"], a["mask"], a["is_causal"], a.get("cache")
             if cache is not None:
                 raise UserError("attention maps are computed without a KV cache")
-            cfg = module.cfg
             B, T, _ = x.shape
-            H, KV, hd = module.n_heads, module.n_kv, module.hd
-            q, k, _v = module.wqkv(x).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
-            q, k = q.view(B, T, H, hd), k.view(B, T, KV, hd)
-            if rope is not None:  # tables (B or 1, T, 1, hd)
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, KV, T, hd)
+            H, KV = module.n_heads, module.n_kv
+            q, k, _v = module.project(x, rope)  # the layer's own q/k (norms and RoPE included)
             k = k.repeat_interleave(H // KV, dim=1)  # GQA: query head h reads key head h // (H / KV)
-            scores = (q.float() @ k.float().transpose(-1, -2)) * hd**-0.5  # (B, H, T, S)
+            scores = (q.float() @ k.float().transpose(-1, -2)) * module.scale  # (B, H, T, S)
+            if module.softcap is not None:  # Gemma 2
+                scores = torch.tanh(scores / module.softcap) * module.softcap
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             elif is_causal:

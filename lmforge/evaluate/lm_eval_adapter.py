@@ -113,8 +113,8 @@ class LMForgeLM(TemplateLM):
         return f"lmforge-{self.tokenizer.hash}"
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        bos = self.tokenizer.bos_id is not None and add_special_tokens is not False
-        return self.tokenizer.encode(string, bos=bos)
+        bos = None if add_special_tokens is not False else False  # None: the tokenizer's own rule
+        return self.tokenizer.encode(string, bos=bos, eos=False)
 
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tokenizer.decode(tokens)
@@ -144,7 +144,7 @@ class LMForgeLM(TemplateLM):
         out = []
         for req in tqdm(requests, desc="lmforge loglikelihood_rolling", disable=disable_tqdm):
             (text,) = req.args
-            ids = [self.prefix_token_id, *self.tokenizer.encode(text)]
+            ids = [self.prefix_token_id, *self.tokenizer.encode(text, bos=False, eos=False)]
             ll = -float(sequence_nll(self.lm.model, ids, seq_len=self.max_length).sum())
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), ll)
             out.append(ll)

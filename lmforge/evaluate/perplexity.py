@@ -171,7 +171,7 @@ def _source_documents(
     from lmforge.data.sources import doc_digest, is_validation, iter_documents
 
     seen: set[bytes] = set()
-    bos, eos = tokenizer.bos_id is not None, tokenizer.eos_id is not None
+    bos, eos = None, tokenizer.eos_id is not None  # BOS by the tokenizer's own rule, text, EOS
     batch: list[str] = []
     n = 0
     any_doc = False

@@ -161,14 +161,14 @@ def prefix_id(tokenizer) -> int | None:
 
 
 def encode(tokenizer, text: str) -> list[int]:
-    """Text -> ids with BOS first when the tokenizer has one."""
-    return tokenizer.encode(text, bos=tokenizer.bos_id is not None)
+    """Text -> ids with the tokenizer's own BOS rule (as transformers' tokenizer(text))."""
+    return tokenizer.encode_prompt(text)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) as lm-eval's causal models make them (see module docstring)."""
     if context == "":
-        cont = tokenizer.encode(continuation)
+        cont = tokenizer.encode(continuation, bos=False, eos=False)
         pre = prefix_id(tokenizer)
         if pre is None:  # no BOS/EOS: the first token of the continuation becomes the context
             return cont[:1], cont[1:]

@@ -3,6 +3,7 @@
     from lmforge.export import export
     export("runs/quickstart/final", "onnx", with_cache=True)     # -> runs/quickstart/final-onnx/
     export("runs/quickstart/final", "gguf", dtype="q8_0")        # -> runs/quickstart/final-q8_0.gguf
+    export("runs/quickstart/final", "gguf", dtype="q4_k_m")      # llama.cpp's own quantizer
     export("runs/quickstart/final", "ollama")                    # -> runs/quickstart/final-ollama/
 
 Each format lives in its own module (onnx.py, gguf.py, ollama.py) and imports its runtime lazily;
@@ -17,7 +18,23 @@ from pathlib import Path
 from lmforge.utils import UserError
 
 FORMATS = ("onnx", "gguf", "ollama")
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")  # also gguf.DTYPES; here to check options without imports
+# llama.cpp's quantization types, made by its own quantizer (lmforge.export.llama_cpp.quantize), with the
+# number of its `llama_ftype`. The k-quants (_k) need rows of 256 values (else a 32-block fallback).
+QUANT_TYPES = {
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 8,
+    "q5_1": 9,
+    "q2_k": 10,
+    "q3_k_m": 12,
+    "q4_k_s": 14,
+    "q4_k_m": 15,
+    "q5_k_s": 16,
+    "q5_k_m": 17,
+    "q6_k": 18,
+}
+# Types lmforge writes itself, then llama.cpp's (also gguf.DTYPES; here to check options without imports).
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", *QUANT_TYPES)
 
 
 def check_out_path(out: Path, kind: str = "file") -> None:
@@ -52,10 +69,13 @@ def export(
     with_cache: bool = False,
     opset: int | None = None,
     check: bool = True,
+    calibration: str | os.PathLike | None = None,
 ) -> Path:
     """Export `checkpoint` (an HF model directory) to `fmt` (onnx, gguf or ollama); returns the path.
 
-    dtype: GGUF/Ollama weight type (f32, f16, bf16, q8_0; default f16); ONNX is fp32 only.
+    dtype: GGUF/Ollama weight type (f32, f16, bf16, q8_0, or llama.cpp's q4_0 ... q6_k, q4_k_m: see
+    QUANT_TYPES; default f16); ONNX is fp32 only.
+    calibration: GGUF/Ollama with a llama.cpp type: a text file whose importance matrix guides it.
     with_cache: ONNX: also write the decoder-step model with past/present key-value tensors.
     opset: ONNX opset (>= 17, default 18). check: ONNX: compare onnxruntime with PyTorch first.
     """
@@ -70,6 +90,10 @@ def export(
             raise UserError(f"--with-cache is an ONNX option; it does not apply to --format {fmt}")
         if opset is not None:
             raise UserError(f"--opset is an ONNX option; it does not apply to --format {fmt}")
+        if calibration is not None and (dtype or "f16") not in QUANT_TYPES:
+            raise UserError(
+                f"calibration text guides llama.cpp's quantizer: give a --dtype of {', '.join(QUANT_TYPES)}"
+            )
         dtype = dtype or "f16"
         if dtype not in GGUF_DTYPES:
             raise UserError(f"--dtype {dtype!r}: {fmt} export writes {', '.join(GGUF_DTYPES)}")
@@ -80,7 +104,7 @@ def export(
     ):  # a missing or broken checkpoint fails here too
         raise UserError(
             f"{checkpoint} is an lmforge-quantized checkpoint; export the float checkpoint it came "
-            "from (GGUF has its own quantization: --dtype q8_0)"
+            "from (GGUF has its own quantization: --dtype q8_0 or q4_k_m)"
         )
     out = Path(out) if out is not None else default_out(checkpoint, fmt, dtype)
     if fmt == "onnx":
@@ -90,10 +114,10 @@ def export(
     if fmt == "gguf":
         from lmforge.export.gguf import export_gguf
 
-        return export_gguf(checkpoint, out, dtype=dtype)
+        return export_gguf(checkpoint, out, dtype=dtype, calibration=calibration)
     from lmforge.export.ollama import export_ollama
 
-    return export_ollama(checkpoint, out, dtype=dtype)
+    return export_ollama(checkpoint, out, dtype=dtype, calibration=calibration)
 
 
-__all__ = ["FORMATS", "default_out", "export"]
+__all__ = ["FORMATS", "GGUF_DTYPES", "QUANT_TYPES", "default_out", "export"]

@@ -5,6 +5,8 @@
         ids = llm.tokenize("def add(a, b):")      # no BOS, special tokens not parsed
         logits = llm.eval(ids)                    # (len(ids), vocab) float32, one row per position
         new = llm.greedy(ids, 16)                 # 16 argmax tokens after ids
+    quantize("model-f32.gguf", "model-q4_k_m.gguf", "q4_k_m")   # llama.cpp's own quantizer
+    chat_template_apply(template, messages)       # llama.cpp's built-in chat formatting
 
 llama.cpp comes from the prebuilt `llama-cpp-py-sync` wheel (pip install "lmforge[llama]"): CFFI
 bindings generated from llama.h over llama.cpp's own shared libraries, so nothing is compiled. Its
@@ -115,6 +117,52 @@ class LlamaCpp:
             got = self.lib.llama_tokenize(self.vocab, b, len(b), buf, -got, add_special, parse_special)
         return list(buf[0:got])
 
+    def detokenize(
+        self, tokens: list[int], remove_special: bool = False, unparse_special: bool = True
+    ) -> str:
+        """llama.cpp's text for `tokens` (by default special tokens are written out, none dropped)."""
+        arr = self.ffi.new("llama_token[]", list(tokens) or [0])
+        n = 16 * len(tokens) + 16
+        for _ in range(2):
+            buf = self.ffi.new("char[]", n)
+            got = self.lib.llama_detokenize(
+                self.vocab, arr, len(tokens), buf, n, remove_special, unparse_special
+            )
+            if got >= 0:
+                return self.ffi.unpack(buf, got).decode("utf-8", "replace")
+            n = -got
+        raise RuntimeError("llama_detokenize failed")
+
+    def piece_bytes(self, tokens: list[int]) -> bytes:
+        """The bytes llama.cpp outputs for `tokens` one at a time (llama_token_to_piece, as a runtime
+        streams generated text; special tokens written out)."""
+        out = b""
+        buf = self.ffi.new("char[]", 256)
+        for t in tokens:
+            n = self.lib.llama_token_to_piece(self.vocab, t, buf, 256, 0, True)
+            out += self.ffi.unpack(buf, max(n, 0))
+        return out
+
+    def special_ids(self) -> dict[str, int | bool]:
+        """The vocabulary's bos/eos/eot ids (-1: none) and whether llama.cpp adds BOS/EOS to a prompt."""
+        lib, v = self.lib, self.vocab
+        return {
+            "bos": lib.llama_vocab_bos(v),
+            "eos": lib.llama_vocab_eos(v),
+            "eot": lib.llama_vocab_eot(v),
+            "add_bos": bool(lib.llama_vocab_get_add_bos(v)),
+            "add_eos": bool(lib.llama_vocab_get_add_eos(v)),
+        }
+
+    def is_eog(self, token: int) -> bool:
+        """Whether llama.cpp ends generation at `token` (end of generation: EOS, EOT, ...)."""
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def chat_template(self) -> str | None:
+        """The chat template stored in the GGUF file (tokenizer.chat_template), or None."""
+        p = self.lib.llama_model_chat_template(self.model, self.ffi.NULL)
+        return None if p == self.ffi.NULL else self.ffi.string(p).decode()
+
     def reset(self) -> None:
         """Empty the KV cache: the next eval starts at position 0."""
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
@@ -180,3 +228,58 @@ class LlamaCpp:
     def __del__(self) -> None:
         if getattr(self, "lib", None) is not None:
             self.close()
+
+
+def quantize(
+    src: str | os.PathLike, dst: str | os.PathLike, qtype: str, imatrix=None, n_threads: int = 0
+) -> None:
+    """llama.cpp's quantizer (`llama_model_quantize`, as the llama-quantize tool runs it) from the f32/f16
+    GGUF `src` to `dst` with type `qtype` (a key of lmforge.export.QUANT_TYPES: q4_0, q4_k_m, ...).
+    imatrix: {GGUF tensor name: (in_features,) float32 mean squared activations} or None."""
+    from lmforge.export import QUANT_TYPES
+
+    ffi, lib = _bindings()
+    _quiet(ffi, lib)
+    lib.llama_backend_init()
+    p = lib.llama_model_quantize_default_params()
+    p.ftype = QUANT_TYPES[qtype]
+    p.nthread = n_threads
+    keep = []  # the C strings and arrays must outlive the call
+    if imatrix:
+        entries = ffi.new("struct llama_model_imatrix_data[]", len(imatrix) + 1)  # NULL-name terminated
+        for i, (name, values) in enumerate(imatrix.items()):
+            cname = ffi.new("char[]", name.encode())
+            data = ffi.new("float[]", [float(x) for x in np.asarray(values, np.float32)])
+            keep += [cname, data]
+            entries[i].name, entries[i].data, entries[i].size = cname, data, len(values)
+        entries[len(imatrix)].name = ffi.NULL
+        p.imatrix = entries
+        keep.append(entries)
+    del _log[:]
+    rc = lib.llama_model_quantize(
+        os.fsencode(src), os.fsencode(dst), ffi.new("llama_model_quantize_params *", p)
+    )
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {qtype}: {''.join(_log).strip()}")
+
+
+def chat_template_apply(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """llama.cpp's own rendering of `messages` ([{"role", "content"}]) with `template` (a Jinja chat
+    template it recognises, or a built-in name such as "chatml"), as llama_chat_apply_template does."""
+    ffi, lib = _bindings()
+    keep = [ffi.new("char[]", template.encode())]
+    chat = ffi.new("llama_chat_message[]", len(messages))
+    for i, m in enumerate(messages):
+        role, content = ffi.new("char[]", m["role"].encode()), ffi.new("char[]", m["content"].encode())
+        keep += [role, content]
+        chat[i].role, chat[i].content = role, content
+    n = 4 * sum(len(m["content"]) + 32 for m in messages) + 256
+    for _ in range(2):
+        buf = ffi.new("char[]", n)
+        got = lib.llama_chat_apply_template(keep[0], chat, len(messages), add_generation_prompt, buf, n)
+        if got < 0:
+            raise ValueError("llama.cpp does not recognise this chat template")
+        if got <= n:
+            return ffi.unpack(buf, got).decode("utf-8")
+        n = got
+    raise RuntimeError("llama_chat_apply_template: output kept growing")

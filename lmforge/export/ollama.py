@@ -3,9 +3,15 @@
     lmforge export runs/quickstart/final --format ollama --out my-model
     ollama create my-model -f my-model/Modelfile && ollama run my-model
 
-Ollama templates are Go templates, not Jinja, so the chat template is translated for the formats
-we know (lmforge's own `<|role|>...<|end|>` turns, and ChatML); for any other template the Modelfile
-falls back to the raw prompt and says so in a comment. Stop tokens come from the tokenizer.
+Ollama templates are Go templates over `.Messages` (each with `.Role` and `.Content`; a system prompt
+is a message with role "system"), not Jinja. The chat formats below are rows of data: how one turn is
+written and how the assistant's turn opens. A row is chosen only if it renders probe conversations
+exactly as the model's own Jinja chat template does (BOS aside: the GGUF's add_bos_token makes
+llama.cpp add it), so the Go template it becomes is the same format, not a guess from a marker.
+Formats: lmforge's own `<|role|>...<|end|>`, ChatML (Qwen2/Qwen3/SmolLM), Llama 3 headers, Gemma turns,
+Phi-3 and OLMo 2 `<|role|>` lines. Any other template: the Modelfile passes prompts through unchanged
+and says so. Stop parameters are every token lmforge stops at (EOS, end-of-turn ids of config.json
+and generation_config.json, the template's end-of-turn token).
 """
 
 from __future__ import annotations
@@ -15,33 +21,143 @@ import warnings
 from pathlib import Path
 
 from lmforge.export import check_out_path
-from lmforge.export.gguf import DTYPES, _load, export_gguf
+from lmforge.export.gguf import DTYPES, _load, export_gguf, stop_ids
 from lmforge.lm import LM
 from lmforge.utils import UserError, atomic_dir
 
-# Go templates for Ollama. BOS is not written here: the GGUF sets add_bos_token, so llama.cpp adds it.
-_LMFORGE_TEMPLATE = "{{- range .Messages }}<|{{ .Role }}|>{{ .Content }}<|end|>{{ end }}<|assistant|>"
-_CHATML_TEMPLATE = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+# name -> (one turn, with {role} and {content}; the opening of the assistant's turn; role renames). A
+# rename may instead give a whole turn for that role ("assistant:" prefix: OLMo 2 ends them with EOS).
+CHAT_FORMATS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "lmforge": ("<|{role}|>{content}<|end|>", "<|assistant|>", {}),
+    "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", {}),
+    "llama3": (
+        "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        {},
+    ),
+    "gemma": (
+        "<start_of_turn>{role}\n{content}<end_of_turn>\n",
+        "<start_of_turn>model\n",
+        {"assistant": "model"},
+    ),
+    "phi3": ("<|{role}|>\n{content}<|end|>\n", "<|assistant|>\n", {}),
+    "olmo2": (
+        "<|{role}|>\n{content}\n",
+        "<|assistant|>\n",
+        {"assistant": "turn:<|assistant|>\n{content}<|endoftext|>\n"},
+    ),
+}
+# Conversations a format must render exactly as the Jinja template does (those the template accepts).
+PROBES = [
+    [{"role": "user", "content": "Hi there"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}],
+    [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another one?"},
+    ],
+]
 
 
-def go_template(chat_template: str | None) -> str | None:
-    """The Ollama (Go) template equivalent to a Jinja chat template we recognise, else None."""
-    if not chat_template:
-        return None
-    from lmforge.tokenizer import CHAT_TEMPLATE
+def render(fmt: str, messages: list[dict], default_system: str | None = None) -> str:
+    """The prompt format `fmt` writes for `messages`, with the assistant's turn opened (and a system
+    turn of `default_system` first when the conversation has none, as Qwen2.5's template does)."""
+    turn, prompt, roles = CHAT_FORMATS[fmt]
+    if default_system is not None and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": default_system}, *messages]
+    text = ""
+    for m in messages:
+        r = roles.get(m["role"], m["role"])
+        text += (
+            r[5:].format(content=m["content"])
+            if r.startswith("turn:")
+            else turn.format(role=r, content=m["content"])
+        )
+    return text + prompt
 
-    if chat_template == CHAT_TEMPLATE:
-        return _LMFORGE_TEMPLATE
-    if "<|im_start|>" in chat_template and "<|im_end|>" in chat_template:
-        return _CHATML_TEMPLATE
+
+def go_template_for(fmt: str, default_system: str | None = None) -> str:
+    """The Ollama (Go) template of the format `fmt` (over .Messages; Ollama puts the system prompt there)."""
+    turn, prompt, roles = CHAT_FORMATS[fmt]
+    role = "{{ .Role }}"
+    whole = {k: v[5:] for k, v in roles.items() if v.startswith("turn:")}
+    for ours, theirs in roles.items():  # e.g. Gemma names the assistant "model"
+        if ours not in whole:
+            role = f'{{{{ if eq .Role "{ours}" }}}}{theirs}{{{{ else }}}}{role}{{{{ end }}}}'
+    head = ""
+    if default_system is not None:  # the template's own system prompt when the conversation has none
+        sys_turn = turn.format(role=roles.get("system", "system"), content=default_system)
+        head = '{{- if or (not .Messages) (ne (index .Messages 0).Role "system") }}' + sys_turn + "{{ end }}"
+    body = turn.replace("{role}", role).replace("{content}", "{{ .Content }}")
+    for r, t in whole.items():  # a role with a turn of its own
+        body = (
+            f'{{{{ if eq .Role "{r}" }}}}'
+            + t.replace("{content}", "{{ .Content }}")
+            + "{{ else }}"
+            + body
+            + "{{ end }}"
+        )
+    return head + "{{- range .Messages }}" + body + "{{ end }}" + prompt
+
+
+def _jinja_probes(tokenizer) -> list[tuple[list[dict], str]]:
+    bos = tokenizer.id_to_token(tokenizer.bos_id) if tokenizer.bos_id is not None else None
+    if "bos_token" not in tokenizer.chat_template:
+        bos = None  # only a template that writes bos_token starts with it (SmolLM's BOS is <|im_start|>)
+    out = []
+    for messages in PROBES:
+        try:
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except Exception:  # a template may refuse a probe (Gemma: no system role); skip that one
+            continue
+        if bos and text.startswith(bos):
+            text = text[len(bos) :]  # llama.cpp / Ollama add BOS when they tokenize (add_bos_token)
+        out.append((messages, text))
+    return out
+
+
+def _default_system(fmt: str, probes) -> str | None:
+    """The system prompt a template writes for a conversation without one (read off the probe with a
+    single user message), or None."""
+    turn, _, roles = CHAT_FORMATS[fmt]
+    before, _, after = turn.format(role=roles.get("system", "system"), content="\0").partition("\0")
+    for messages, text in probes:
+        if messages[0]["role"] != "system" and text.startswith(before) and after in text[len(before) :]:
+            return text[len(before) : text.index(after, len(before))]
     return None
 
 
-def modelfile(gguf_name: str, tokenizer, context: int) -> str:
+def chat_format(tokenizer) -> tuple[str, str | None] | None:
+    """(row of CHAT_FORMATS, default system prompt or None) rendering like `tokenizer`'s Jinja chat
+    template on every probe it accepts, else None."""
+    if tokenizer is None or not tokenizer.chat_template:
+        return None
+    probes = _jinja_probes(tokenizer)
+    if not probes:
+        return None
+    for fmt in CHAT_FORMATS:
+        for default in (None, _default_system(fmt, probes)):
+            if all(render(fmt, m, default) == text for m, text in probes):
+                return fmt, default
+    return None
+
+
+def go_template(tokenizer) -> str | None:
+    """The Ollama (Go) template equivalent to a tokenizer's chat template, else None."""
+    found = chat_format(tokenizer) if hasattr(tokenizer, "apply_chat_template") else None
+    return go_template_for(*found) if found else None
+
+
+def _quote(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def modelfile(gguf_name: str, tokenizer, context: int, cfg=None) -> str:
     """The text of a Modelfile for `gguf_name` (relative to the Modelfile)."""
     lines = [f"FROM ./{gguf_name}", ""]
-    tpl = go_template(tokenizer.chat_template if tokenizer is not None else None)
+    tpl = go_template(tokenizer) if tokenizer is not None else None
     if tpl is not None:
+        lines += [f"# chat format: {chat_format(tokenizer)[0]} (the model's chat template, as a Go template)"]
         lines += [f'TEMPLATE """{tpl}"""', ""]
     elif tokenizer is not None and tokenizer.chat_template:
         warnings.warn(
@@ -56,16 +172,22 @@ def modelfile(gguf_name: str, tokenizer, context: int) -> str:
         ]
     else:
         lines += ['TEMPLATE """{{ .Prompt }}"""', ""]
-    stops = []
     if tokenizer is not None:
-        stops = [tokenizer.id_to_token(i) for i in tokenizer.stop_ids]
-    for s in stops:
-        lines.append(f'PARAMETER stop "{s}"')
+        ids = stop_ids(tokenizer, cfg) if cfg is not None else list(_stops(tokenizer))
+        for i in ids:
+            name = tokenizer.id_to_token(i)
+            if name is not None:
+                lines.append(f"PARAMETER stop {_quote(name)}")
     lines.append(f"PARAMETER num_ctx {context}")
     return "\n".join(lines) + "\n"
 
 
-def export_ollama(checkpoint, out: str | os.PathLike, dtype: str = "f16") -> Path:
+def _stops(tokenizer):
+    s = tokenizer.stop_ids
+    return s() if callable(s) else s
+
+
+def export_ollama(checkpoint, out: str | os.PathLike, dtype: str = "f16", calibration=None) -> Path:
     """Write `out/model.gguf` and `out/Modelfile` (atomically, as one directory). Returns `out`."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: Ollama export writes {', '.join(DTYPES)}")
@@ -74,6 +196,9 @@ def export_ollama(checkpoint, out: str | os.PathLike, dtype: str = "f16") -> Pat
     model, tokenizer, src = _load(checkpoint)
     lm = LM(model, tokenizer, src)  # loaded once, handed to export_gguf
     with atomic_dir(out) as tmp:
-        export_gguf(lm, tmp / "model.gguf", dtype=dtype, name=src.name if src else None)
-        (tmp / "Modelfile").write_text(modelfile("model.gguf", tokenizer, model.config.max_seq_len))
+        export_gguf(
+            lm, tmp / "model.gguf", dtype=dtype, name=src.name if src else None, calibration=calibration
+        )
+        text = modelfile("model.gguf", tokenizer, model.config.max_seq_len, model.config)
+        (tmp / "Modelfile").write_text(text)
     return out

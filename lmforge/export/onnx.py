@@ -106,14 +106,21 @@ class _ConcatCache:
         count = v.long().cumsum(1) - 1  # (B, S) position of each real key
         k_pos = count.masked_fill(~v, -1)
         q_pos = count[:, S - T :].clamp(min=0)  # (B, T)
+        self._pos = q_pos, k_pos
+        return q_pos, self.window_mask(self.cfg.cache_window), False
+
+    def window_mask(self, window):
+        """The mask (B, 1, T, P + T) for layers attending over `window` tokens (None: all)."""
+        q_pos, k_pos = self._pos
+        S, T = k_pos.shape[1], q_pos.shape[1]
         qp, kp = q_pos[:, None, :, None], k_pos[:, None, None, :]
         mask = (kp >= 0) & (kp <= qp)
-        if self.cfg.sliding_window is not None:
-            mask = mask & ((qp - kp) < self.cfg.sliding_window)
+        if window is not None:
+            mask = mask & ((qp - kp) < window)
         # A query always sees itself, so that a padding query never has an all-masked row (NaN).
-        ar = torch.arange(S, device=v.device)
+        ar = torch.arange(S, device=k_pos.device)
         eye = ar[None, :] == (ar[S - T :])[:, None]  # (T, S)
-        return q_pos, mask | eye, False
+        return mask | eye
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         k = torch.cat([self.past[2 * layer], k], dim=2)  # (B, KV, P + T, hd)
@@ -145,6 +152,12 @@ class DecoderWithPast(nn.Module):
         cache = _ConcatCache(self.model.config, list(past), attention_mask)
         logits = self.model(input_ids, attention_mask=attention_mask, cache=cache)
         return (logits, *cache.present)
+
+
+def _longrope_original(cfg) -> int | None:
+    """The pretraining length of a LongRoPE (Phi-3) model, past which it switches RoPE factors."""
+    sc = cfg.rope_scaling or {}
+    return sc.get("original_max_position_embeddings") if sc.get("rope_type") == "longrope" else None
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -245,12 +258,23 @@ def check_onnx(directory: str | os.PathLike, model, atol: float = 1e-4) -> dict[
         empty = torch.zeros(2, cfg.n_kv_heads, 0, cfg.head_dim).numpy()
         feed = {"input_ids": ids[:, :-1].numpy(), "attention_mask": mask[:, :-1].numpy()}
         feed |= {n: empty for n in ins[2:]}
+        first_ref, step_ref = ref[:, :-1], ref[:, -1:]
+        if _longrope_original(cfg) is not None:
+            # LongRoPE picks its factors from the longest position of each call, so the prompt alone
+            # and the last step (whose cached keys keep the prompt's factors; the runner recomputes the
+            # sequence once it passes the pretraining length) are compared with PyTorch's same calls
+            dwp = DecoderWithPast(model.eval())
+            first_ref, *present = dwp(
+                ids[:, :-1], mask[:, :-1], [torch.from_numpy(empty)] * (2 * cfg.n_layers)
+            )
+            step_ref = dwp(ids[:, -1:], mask, present)[0]
+            model.train(training)
         res = sess.run(outs, feed)
-        err = _max_err(res[0], ref[:, :-1], mask[:, :-1])
+        err = _max_err(res[0], first_ref, mask[:, :-1])
         feed = {"input_ids": ids[:, -1:].numpy(), "attention_mask": mask.numpy()}
         feed |= dict(zip(ins[2:], res[1:]))
         res = sess.run(outs, feed)
-        errors["model_with_past.onnx"] = max(err, _max_err(res[0], ref[:, -1:], mask[:, -1:]))
+        errors["model_with_past.onnx"] = max(err, _max_err(res[0], step_ref, mask[:, -1:]))
     bad = {k: v for k, v in errors.items() if not v <= atol}
     if bad:
         raise UserError(
@@ -373,6 +397,7 @@ def export_onnx(
                 "pad_token_id": cfg.pad_token_id,
                 "check": {"max_relative_logit_error": errors, "tolerance": atol} if check else None,
                 "moe_dense": bool(cfg.n_experts),
+                "longrope_original": _longrope_original(cfg),
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as e:

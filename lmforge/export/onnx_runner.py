@@ -80,7 +80,13 @@ class OnnxLM:
             kv, hd = self.meta["n_kv_heads"], self.meta["head_dim"]
             empty = np.zeros((B, kv, 0, hd), dtype=np.float32)
             past = dict.fromkeys(self.past_names, empty)
+        orig = self.meta.get("longrope_original")
         for _ in range(max_new_tokens):
+            P = tokens.shape[1] - step_ids.shape[1]
+            if self.use_cache and orig and 0 < P <= orig < tokens.shape[1]:
+                # LongRoPE (Phi-3), as transformers and lmforge generate: the step that takes the
+                # sequence past the pretraining length recomputes it all with the long factors
+                step_ids, past = tokens, dict.fromkeys(self.past_names, empty)
             if self.use_cache:
                 res = self.session.run(
                     ["logits", *self.present_names],

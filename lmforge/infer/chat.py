@@ -3,7 +3,10 @@
 Lines are read from `input` (stdin), so the loop runs the same at a terminal and with piped input
 (tests drive it as a subprocess). `/reset` starts over, `/quit` (or end of input) leaves. When the
 conversation plus max_new_tokens no longer fits the model's context, the oldest turns are dropped
-(the system message stays) and a note on stderr says so.
+(the system message stays) and a note on stderr says so. Template keyword arguments (Qwen3's
+`enable_thinking=False`, say) and `tools` reach the chat template on every turn. A reply ends at any of
+the tokenizer's stop ids (its EOS, the eos ids of config.json / generation_config.json and the
+template's end-of-turn token), which the engine adds by default.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from lmforge.utils import UserError
 HELP = "type a message; /reset starts a new conversation, /quit leaves"
 
 
-def fit_conversation(tokenizer, messages: list[dict], max_new_tokens: int, context: int):
+def fit_conversation(
+    tokenizer, messages: list[dict], max_new_tokens: int, context: int, tools=None, **template_kwargs
+):
     """(prompt ids, messages kept, turns dropped): drop the oldest non-system messages, a user turn
     and its reply at a time, until the rendered prompt plus max_new_tokens fits the context.
     Returns ids None when even the last message alone does not fit."""
@@ -26,7 +31,7 @@ def fit_conversation(tokenizer, messages: list[dict], max_new_tokens: int, conte
     dropped = 0
     while True:
         kept = system + turns
-        ids = tokenizer.encode_chat(kept, add_generation_prompt=True)
+        ids = tokenizer.encode_chat(kept, add_generation_prompt=True, tools=tools, **template_kwargs)
         if len(ids) + max_new_tokens <= context:
             return ids, kept, dropped
         if len(turns) <= 1:
@@ -44,8 +49,11 @@ def chat(
     input=None,
     output=None,
     err=None,
+    template_kwargs: dict | None = None,
+    tools: list[dict] | None = None,
 ) -> None:
-    """Run the chat loop until /quit or end of input."""
+    """Run the chat loop until /quit or end of input. `template_kwargs` (e.g. {"enable_thinking": False})
+    and `tools` (OpenAI function schemas) are passed to the chat template."""
     input, output, err = input or sys.stdin, output or sys.stdout, err or sys.stderr
     tok = lm.tokenizer
     if tok is None:
@@ -82,7 +90,12 @@ def chat(
             print(HELP, file=err, flush=True)
             continue
         ids, kept, dropped = fit_conversation(
-            tok, [*messages, {"role": "user", "content": text}], params.max_new_tokens, ctx
+            tok,
+            [*messages, {"role": "user", "content": text}],
+            params.max_new_tokens,
+            ctx,
+            tools,
+            **(template_kwargs or {}),
         )
         if ids is None:
             print(

@@ -17,6 +17,17 @@ The decode loop does no tensor concatenation and one device-to-host transfer per
 tokens); stop checks are plain Python on those ints (sequence.py). On CUDA the decode step runs as a
 compiled CUDA graph (`torch.compile(mode="reduce-overhead")`): it reads and writes the whole static
 cache at a slot held in a tensor, so every step has the same shapes (`_StaticStep`).
+
+Per request, beyond sampling (sampling.py): logprobs of each generated token (and of the prompt's, from
+the prefill's own logits, no second pass) are the log-softmax of the raw logits; a grammar (grammar.py)
+masks each constrained row's logits in the same step as the free rows and ends the row when complete.
+
+Sizing: the cache holds max_batch x max_len slots; max_len defaults to what a memory budget that fits
+the machine allows (kv_budget.py), never blindly the model's context (131072 for Llama 3.2).
+
+Prefix caching (prefix_cache=True, prefix_cache.py): prompts that start with the token blocks of a
+recent prompt or finished conversation copy those blocks' K/V into their row and prefill the rest only.
+Such prompts are prefilled row by row (the path continuous batching uses anyway).
 """
 
 from __future__ import annotations
@@ -29,17 +40,51 @@ import torch
 
 from lmforge.cache import KVCache, make_mask
 from lmforge.infer import packed, rows
+from lmforge.infer.kv_budget import plan_kv_cache
+from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import Sampler
-from lmforge.infer.sequence import Sequence
+from lmforge.infer.sequence import Sequence, TokenLogprob
 from lmforge.utils import UserError
 
 
 def stop_token_ids(model, tokenizer) -> set[int]:
     """Token ids that end generation by default: the tokenizer's EOS / end-of-turn and the config's EOS."""
-    ids = set(tokenizer.stop_ids) if tokenizer is not None else set()
-    if model.config.eos_token_id is not None:
-        ids.add(model.config.eos_token_id)
+    ids = set()
+    if tokenizer is not None:
+        stops = tokenizer.stop_ids
+        ids = set(stops() if callable(stops) else stops)
+    eos = model.config.eos_token_id
+    if eos is not None:
+        ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return ids
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: list[int]) -> list[TokenLogprob]:
+    """TokenLogprob of tokens (n,) under logits (n, V) (raw: log-softmax only), with top[i] alternatives."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    k = max(top, default=0)
+    if k:
+        vals, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        vals, ids = vals.tolist(), ids.tolist()
+    out = []
+    for i, t in enumerate(tokens.tolist()):
+        alts = list(zip(ids[i][: top[i]], vals[i][: top[i]])) if k and top[i] else []
+        out.append(TokenLogprob(t, chosen[i], alts))
+    return out
+
+
+def prompt_logprobs(model, hidden: torch.Tensor, prompt: list[int], top: int) -> list[TokenLogprob | None]:
+    """Per prompt token: None for the first, then its logprob under the logits of the position before
+    it, from the prefill's final hidden states (P, d); the logits are made 256 positions at a time, so a
+    long prompt with a large vocabulary never holds (P, V) floats."""
+    out: list[TokenLogprob | None] = [None]
+    ids = torch.tensor(prompt, device=hidden.device)
+    head = getattr(model, "logits", None) or model.lm_head
+    for a in range(0, len(prompt) - 1, 256):
+        b = min(a + 256, len(prompt) - 1)
+        out += token_logprobs(head(hidden[a:b]), ids[a + 1 : b + 1], [top] * (b - a))
+    return out
 
 
 def _row_view(cache: KVCache, rows: slice) -> KVCache:
@@ -48,6 +93,9 @@ def _row_view(cache: KVCache, rows: slice) -> KVCache:
     view.k = [t[rows] for t in cache.k]
     view.v = [t[rows] for t in cache.v]
     view.key_pos, view.next_pos = cache.key_pos[rows], cache.next_pos[rows]
+    if getattr(cache, "ids", None) is not None:  # token ids per slot (LongRoPE restarts read them)
+        view.ids = cache.ids[rows]
+    view.ids = cache.ids[rows]
     view.batch_size = view.key_pos.shape[0]
     return view
 
@@ -65,7 +113,11 @@ class _StaticStep:
         pos = c.next_pos[:, None].clone()  # (B, 1)
         c.key_pos.index_copy_(1, self.slot, pos)
         c.next_pos.add_(1)
+        self.pos = pos
         return pos, make_mask(pos, c.key_pos, c.window, self.slot), False  # mask (B, 1, 1, S)
+
+    def window_mask(self, window: int):  # sliding layers of a model that mixes layer kinds (Gemma 2/3)
+        return make_mask(self.pos, self.c.key_pos, window, self.slot)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc, vc = self.c.k[layer], self.c.v[layer]
@@ -78,10 +130,15 @@ class Engine:
     """Rows of a batch on one KV cache; see the module docstring.
 
     max_batch: rows decoded together (idle rows still cost compute, as the shapes are fixed).
-    max_len: slots per row (prompt + generated tokens of a request must fit); default the context.
+    max_len: slots per row (prompt + generated tokens of a request must fit); default: as many as
+        kv_cache_memory allows, at most the context (kv_budget.plan_kv_cache).
+    kv_cache_memory: the KV cache's budget: bytes, "2GiB", or a fraction of the available memory
+        (default: kv_budget.default_budget, a share of the machine's free memory).
     compile: run the decode step through torch.compile with CUDA graphs; None = on CUDA only.
     cpu_pack: on CPU, set the Linear layers up for fast decode matmuls (packed.py: lmforge's decode
         kernel, weights moved into huge pages; changes the model's weight storage in place).
+    prefix_cache: reuse the K/V of prompt prefixes seen recently (True: an LRU of
+        max(max_len, max_batch * max_len / 2) tokens; an int: that many tokens; False: off).
     """
 
     def __init__(
@@ -93,12 +150,30 @@ class Engine:
         compile: bool | None = None,
         cache_dtype: torch.dtype | None = None,
         cpu_pack: bool = True,
+        kv_cache_memory=None,
+        prefix_cache: bool | int = False,
     ):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
         self.device = model.tok_emb.weight.device
-        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        dtype = cache_dtype or model.tok_emb.weight.dtype
+        _, self.max_len, self.kv_bytes = plan_kv_cache(
+            cfg, max_batch, max_len, kv_cache_memory, dtype=dtype, device=self.device
+        )
         self.cache = model.new_cache(max_batch, self.max_len, cache_dtype)
+        self.prefix: PrefixCache | None = None
+        rope = cfg.rope_scaling or {}
+        if rope.get("rope_type", rope.get("type")) in ("longrope", "su"):
+            # LongRoPE recomputes every key with other factors once a sequence passes its pretraining
+            # length, so a cached block's keys depend on how long its sequence grew: never reuse them.
+            prefix_cache = False
+        if prefix_cache:
+            cap = (
+                max(self.max_len, max_batch * self.max_len // 2)
+                if prefix_cache is True
+                else int(prefix_cache)
+            )
+            self.prefix = PrefixCache(cap)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.start = [0] * max_batch  # first slot each row uses (for compaction)
         self.cur = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # token each row feeds next
@@ -110,6 +185,7 @@ class Engine:
             "decode_steps": 0,
             "decode_tokens": 0,
             "decode_s": 0.0,
+            "cached_prompt_tokens": 0,
         }
         if compile is None:
             compile = self.device.type == "cuda"
@@ -165,10 +241,21 @@ class Engine:
         if need > self.max_len:
             raise UserError(
                 f"prompt of {len(seq.prompt_ids)} tokens + max_new_tokens={p.max_new_tokens} = {need} "
-                f"tokens does not fit the engine's {self.max_len} slots per row"
+                f"tokens does not fit the engine's {self.max_len} slots per row (its KV cache: max_len, "
+                "sized by kv_cache_memory)"
             )
         if p.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        V = self.model.config.vocab_size
+        outside = [t for t in p.logit_bias if t >= V]
+        if outside:
+            raise UserError(f"logit_bias: token id {outside[0]} is outside the vocabulary of {V} tokens")
+        if p.grammar is not None and seq.matcher is None:
+            if self.tokenizer is None:
+                raise UserError(
+                    "grammar-constrained decoding needs the model's tokenizer; this model has none"
+                )
+            seq.matcher = p.grammar.matcher(self.tokenizer, V)
 
     def _start_sequence(self, seq: Sequence, row: int, generator) -> None:
         p = seq.params
@@ -178,7 +265,14 @@ class Engine:
         self.rows[row] = seq
         self.sampler.set_row(row, p, seq.prompt_ids, generator)
 
-    def _retire(self, row: int) -> None:
+    def _retire(self, row: int, store: bool = False) -> None:
+        """Free a row; store: remember its tokens' K/V in the prefix cache (a finished conversation
+        is the prefix of its next turn)."""
+        seq = self.rows[row]
+        if store and self.prefix is not None and seq is not None:
+            ids = seq.prompt_ids + seq.token_ids[:-1]  # the last token was sampled, never fed
+            if len(ids) == self.cache.length - self.start[row]:
+                self.prefix.store(self.cache, row, self.start[row], ids)
         self.rows[row] = None
         self.sampler.clear_row(row)
 
@@ -211,24 +305,37 @@ class Engine:
         for s in seqs:  # all checks before any row changes
             self._check(s)
         t0 = time.perf_counter()
-        batch = self.active == 0
-        rows = list(range(len(seqs))) if batch else free[: len(seqs)]
+        idle = self.active == 0
+        # One left-padded batch on an idle engine, unless a prompt wants its logprobs (the row path keeps
+        # all its positions' logits) or starts with cached blocks (copied into its row).
+        batch = idle and not any(s.params.prompt_logprobs is not None or self._cached_prefix(s) for s in seqs)
+        rows = list(range(len(seqs))) if idle else free[: len(seqs)]
         for r, s in zip(rows, seqs):
             self._start_sequence(s, r, generator)
         try:
-            if batch:
+            if idle:
                 self.cache.reset()
+            if batch:
                 logits = self._prefill_batch(seqs)
             else:
-                logits = torch.cat([self._prefill_row(r, s.prompt_ids) for r, s in zip(rows, seqs)])
+                logits = torch.cat([self._prefill_row(r, s) for r, s in zip(rows, seqs)])
         except BaseException:
             for r in rows:  # leave the engine as it was (the other rows keep running)
                 self._retire(r)
             raise
         self._sample_into(logits, rows)
-        self.stats["prefill_tokens"] += sum(len(s.prompt_ids) for s in seqs)
+        cached = sum(s.cached_tokens for s in seqs)
+        self.stats["prefill_tokens"] += sum(len(s.prompt_ids) for s in seqs) - cached
+        self.stats["cached_prompt_tokens"] += cached
         self.stats["prefill_s"] += time.perf_counter() - t0
         return seqs
+
+    def _cached_prefix(self, seq: Sequence) -> list:
+        """The prefix cache's blocks that start seq's prompt ([] without a cache, or for prompt logprobs,
+        which need every position's logits)."""
+        if self.prefix is None or seq.params.prompt_logprobs is not None:
+            return []
+        return self.prefix.lookup(seq.prompt_ids)
 
     def _prefill_batch(self, seqs: list[Sequence]) -> torch.Tensor:
         """Left-padded prefill of rows 0..n-1 of an empty cache; returns last-token logits (n, V)."""
@@ -245,21 +352,38 @@ class Engine:
         logits = self.model(ids.to(self.device), attention_mask=mask, cache=view, logits_to_keep=1)
         self.cache.length = T
         self.cache.has_holes = view.has_holes or n < len(self.rows)
+        if self.prefix is not None:
+            for i, s in enumerate(seqs):
+                self.prefix.store(self.cache, i, self.start[i], s.prompt_ids)
         return logits[:, -1]
 
-    def _prefill_row(self, row: int, prompt: list[int]) -> torch.Tensor:
-        """Prefill one prompt into `row` of a running batch, ending at the current slot; logits (1, V)."""
-        c, P = self.cache, len(prompt)
+    def _prefill_row(self, row: int, seq: Sequence) -> torch.Tensor:
+        """Prefill one prompt into `row` of a running batch, ending at the current slot; logits (1, V).
+        Its first tokens come from the prefix cache when they are there."""
+        c, prompt = self.cache, seq.prompt_ids
+        P = len(prompt)
         if P > c.length:  # make room on the left: shift every row right
             self._shift(P - c.length)
+        blocks = self._cached_prefix(seq)  # looked up per row: an earlier row of this add may have stored it
         view = _row_view(c, slice(row, row + 1))
         view.key_pos.fill_(-1)  # forget the previous occupant
         view.next_pos.zero_()
-        view.length, view.has_holes = c.length - P, True
-        self.start[row] = c.length - P
-        ids = torch.tensor([prompt], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=view, logits_to_keep=1)
+        start = self.start[row] = c.length - P
+        n = self.prefix.load(c, row, start, blocks) if blocks else 0  # positions 0..n-1, next_pos = n
+        seq.cached_tokens = n
+        view.length, view.has_holes = start + n, True
+        ids = torch.tensor([prompt[n:]], dtype=torch.long, device=self.device)
+        want = seq.params.prompt_logprobs
+        if want is None:
+            logits = self.model(ids, cache=view, logits_to_keep=1)
+        else:  # n == 0 here: every position's hidden state is at hand (one pass, no second forward)
+            hidden = self.model(ids, cache=view, return_hidden=True)  # (1, P, d)
+            seq.prompt_logprobs = prompt_logprobs(self.model, hidden[0, :-1], prompt, want)
+            head = getattr(self.model, "logits", None) or self.model.lm_head
+            logits = head(hidden[:, -1:])
         c.has_holes = True
+        if self.prefix is not None:
+            self.prefix.store(c, row, start, prompt)
         return logits[:, -1]
 
     # ------------------------------------------------------------------ slot management
@@ -273,6 +397,8 @@ class Engine:
                 for t in [*c.k, *c.v]:
                     t.copy_(t.roll(delta, dims=2))
                 c.key_pos.copy_(c.key_pos.roll(delta, dims=1))
+                if getattr(c, "ids", None) is not None:
+                    c.ids.copy_(c.ids.roll(delta, dims=1))
         else:
             src, dst = (
                 (slice(0, L), slice(delta, L + delta))
@@ -282,6 +408,9 @@ class Engine:
             for t in [*c.k, *c.v]:
                 t[:, :, dst] = t[:, :, src].clone()
             c.key_pos[:, dst] = c.key_pos[:, src].clone()
+            if getattr(c, "ids", None) is not None:
+                c.ids[:, dst] = c.ids[:, src].clone()
+            c.ids[:, dst] = c.ids[:, src].clone()  # token ids (LongRoPE models recompute from them)
             c.key_pos[:, slice(0, delta) if delta > 0 else slice(L + delta, L)] = -1
         c.length = L + delta
         c.has_holes = True
@@ -314,13 +443,56 @@ class Engine:
 
     def _sample_into(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Sample the first token of each of `rows` from logits (len(rows), V); append it to the sequences."""
-        tok = self.sampler(logits, rows)
+        tok = self._sample(logits, rows, rows)
         idx = torch.tensor(rows, device=self.device)
         self.cur[idx] = tok
         self.sampler.observe(tok, idx)
-        for r, t in zip(rows, tok.tolist()):
-            if self.rows[r].append(t):
-                self._retire(r)
+        self._deliver(logits, tok, rows, rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[int] | None, batch_rows: list[int]) -> torch.Tensor:
+        """Tokens (n,) for logits (n, V) of batch rows `batch_rows` (rows: the same, or None for all B),
+        with the grammar masks of the constrained rows."""
+        constrained = [
+            (j, s.matcher, s.stop_ids)
+            for j, r in enumerate(batch_rows)
+            if (s := self.rows[r]) is not None and s.matcher is not None and not s.done
+        ]
+        allowed = None
+        if constrained:
+            from lmforge.infer.grammar import allowed_mask
+
+            allowed = allowed_mask(constrained, logits.shape[0], logits.shape[1], self.device)
+        return self.sampler(logits, rows, allowed)
+
+    def _deliver(self, logits, tok: torch.Tensor, batch_rows: list[int], live: list[int]) -> list[Sequence]:
+        """Append token tok[j] to the sequence of batch row batch_rows[j], for the rows in `live`: its
+        logprobs first (from the raw logits), then the grammar; retire the rows that finished."""
+        want = [
+            (j, r) for j, r in enumerate(batch_rows) if r in live and self.rows[r].params.logprobs is not None
+        ]
+        lps = {}
+        if want:
+            js = torch.tensor([j for j, _ in want], device=self.device)
+            top = [self.rows[r].params.logprobs for _, r in want]
+            lps = dict(zip((j for j, _ in want), token_logprobs(logits[js], tok[js], top)))
+        toks = tok.tolist()  # the one host sync of the step
+        out = []
+        pos = {r: j for j, r in enumerate(batch_rows)}
+        for r in live:
+            seq, j = self.rows[r], pos[r]
+            t = toks[j]
+            if j in lps:
+                seq.logprobs.append(lps[j])
+            done = seq.append(t)
+            if not done and seq.matcher is not None:
+                if not seq.matcher.consume(t) or seq.matcher.stopped:
+                    seq.finish("stop")  # complete: nothing else may follow
+                    done = True
+            if done:
+                seq.matcher = None
+                self._retire(r, store=True)
+            out.append(seq)
+        return out
 
     # Decode only rows [0, last busy row] (eager steps): see ServingEngine (serve/scheduler.py).
     skip_idle_tail = False
@@ -340,16 +512,10 @@ class Engine:
         k = live[-1] + 1 if self.skip_idle_tail and self._step_fn is None else B
         logits = self._decode_logits(self.cur[:k, None])  # (k, V)
         rows = None if k == B else list(range(k))
-        tok = self.sampler(logits, rows)  # (k,)
+        tok = self._sample(logits, rows, list(range(k)))  # (k,)
         self.sampler.observe(tok, None if k == B else torch.arange(k, device=self.device))
         self.cur[:k] = tok
-        toks = tok.tolist()  # the one host sync of the step
-        out = []
-        for i in live:
-            seq = self.rows[i]
-            if seq.append(toks[i]):
-                self._retire(i)
-            out.append(seq)
+        out = self._deliver(logits, tok, list(range(k)), live)
         self.stats["decode_steps"] += 1
         self.stats["decode_tokens"] += len(live)
         self.stats["decode_s"] += time.perf_counter() - t0

@@ -36,6 +36,8 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     stats: dict  # timings and counts of the whole call; acceptance_rate with a draft model
+    logprobs: list | None = None  # TokenLogprob per generated token (with logprobs=N)
+    prompt_logprobs: list | None = None  # TokenLogprob | None per prompt token (with prompt_logprobs=N)
 
 
 def make_params(params: SamplingParams | None = None, **kwargs) -> SamplingParams:
@@ -73,8 +75,11 @@ def encode_prompts(prompt, tokenizer) -> tuple[list[list[int]], bool, bool]:
         )
     if tokenizer is None:
         raise UserError("this model has no tokenizer (no tokenizer.json in its directory): pass token ids")
-    bos = tokenizer.bos_id is not None  # documents were trained as BOS + text + EOS
-    return [tokenizer.encode(p, bos=bos) for p in prompts], single, text
+    encode = getattr(tokenizer, "encode_prompt", None)  # the tokenizer's one BOS rule (shared with serve)
+    if encode is None:
+        bos = tokenizer.bos_id is not None  # documents were trained as BOS + text + EOS
+        return [tokenizer.encode(p, bos=bos) for p in prompts], single, text
+    return [encode(p) for p in prompts], single, text
 
 
 def fit_context(
@@ -111,7 +116,9 @@ def load_draft(draft, lm):
     return load(draft, device=str(lm.device), dtype=lm.dtype).model
 
 
-def _run(lm, prompt, params, *, draft=None, draft_tokens=4, truncate=None, compile=None):
+def _run(
+    lm, prompt, params, *, draft=None, draft_tokens=4, truncate=None, compile=None, kv_cache_memory=None
+):
     """Shared by generate and stream: yields each Sequence whenever it gets new tokens, then the list."""
     model, tok = _parts(lm)
     prompts, single, text = encode_prompts(prompt, tok)
@@ -137,6 +144,7 @@ def _run(lm, prompt, params, *, draft=None, draft_tokens=4, truncate=None, compi
             max_batch=len(seqs),
             max_len=max(map(len, prompts)) + params.max_new_tokens,
             compile=compile,
+            kv_cache_memory=kv_cache_memory,
         )
         yield from engine.add(seqs, gen)
         while engine.active:
@@ -157,22 +165,34 @@ def generate(
     truncate: str | None = None,
     details: bool = False,
     compile: bool | None = None,
+    kv_cache_memory=None,
     **kwargs,
 ):
     """Generate from `prompt` (a string, a list of strings, token ids, or a list of id lists).
 
     kwargs are SamplingParams fields: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
-    repetition_penalty, seed, num_samples, stop, stop_token_ids, ignore_eos.
+    repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed,
+    num_samples, stop, stop_token_ids, ignore_eos, logprobs / prompt_logprobs (see Completion),
+    grammar (lmforge.infer.grammar.Grammar: JSON schema, regex, choice).
     draft: a smaller model (LM, Transformer or checkpoint path) for speculative decoding.
     truncate: "left" to drop the oldest prompt tokens when prompt + max_new_tokens exceeds the context.
-    details: return Completion objects (ids, finish reason, timings) instead of text.
+    details: return Completion objects (ids, finish reason, timings, logprobs) instead of text.
+    kv_cache_memory: the KV cache's budget (bytes, "2GiB", a fraction of free memory); a batch whose
+        cache does not fit is a UserError naming both numbers (default: all the available memory).
 
     Returns text for text prompts, generated ids for id prompts; a list for a list of prompts; with
     num_samples > 1, each prompt gives a list of samples.
     """
     params = make_params(params, **kwargs)
     *_, (seqs, single, text, stats) = _run(
-        lm, prompt, params, draft=draft, draft_tokens=draft_tokens, truncate=truncate, compile=compile
+        lm,
+        prompt,
+        params,
+        draft=draft,
+        draft_tokens=draft_tokens,
+        truncate=truncate,
+        compile=compile,
+        kv_cache_memory=kv_cache_memory,
     )
     if details:
         outs = [
@@ -182,6 +202,8 @@ def generate(
                 s.finish_reason,
                 len(s.prompt_ids),
                 stats,
+                s.logprobs if params.logprobs is not None else None,
+                s.prompt_logprobs if params.prompt_logprobs is not None else None,
             )
             for s in seqs
         ]
@@ -240,6 +262,7 @@ def stream(
     draft_tokens: int = 4,
     truncate: str | None = None,
     compile: bool | None = None,
+    kv_cache_memory=None,
     **kwargs,
 ) -> TextStream:
     """Yield the generation of one prompt as it is decoded: text pieces (never a broken character, and
@@ -252,5 +275,12 @@ def stream(
     if len(prompts) != 1:
         raise UserError("stream() takes one prompt; use generate() for a batch")
     return TextStream(
-        lm, prompt, params, draft=draft, draft_tokens=draft_tokens, truncate=truncate, compile=compile
+        lm,
+        prompt,
+        params,
+        draft=draft,
+        draft_tokens=draft_tokens,
+        truncate=truncate,
+        compile=compile,
+        kv_cache_memory=kv_cache_memory,
     )

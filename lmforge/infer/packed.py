@@ -76,10 +76,16 @@ def prepare(model: nn.Module, max_rows: int = 64) -> str:
     if linears:
         done.append("Linear layers on lmforge's decode kernel" if kernel else "PyTorch's decode layouts")
     attention = [m for m in model.modules() if isinstance(m, Attention)]
-    if kernel and attention:
+    # The kernel computes softmax(q k^T * scale) under a mask; soft-capped scores (Gemma 2) are beyond
+    # it, so those layers keep the model's own attention (model.few_query_attention).
+    capped = [m for m in attention if m.softcap is not None]
+    if kernel and len(capped) < len(attention):
         for m in attention:
-            m.decode_kernel = rows.decode_attention
+            if m.softcap is None:
+                m.decode_kernel = rows.decode_attention
         done.append("attention on lmforge's decode kernel")
+    if kernel and capped:
+        done.append("soft-capped attention on PyTorch (the kernel cannot express soft-capping)")
     if cpu and hugepages.place(model):
         done.append("weights in huge pages")
     return ", ".join(done)

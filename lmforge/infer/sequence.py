@@ -7,6 +7,10 @@ broken UTF-8, and `pop_text()` hands out only text that can no longer turn into 
 suffix that is a prefix of a stop string is held back until the next token decides. Therefore the
 concatenation of everything streamed equals the final `text`.
 
+With `SamplingParams.logprobs` set, the engine adds one `TokenLogprob` per generated token to
+`logprobs` (the stop token included, as it is in `token_ids`); with `prompt_logprobs`, one per prompt
+token to `prompt_logprobs` (None for the first, which nothing predicts).
+
 Stop strings are searched only in the tail that the new text could have completed (new characters
 plus the longest stop string), so the check costs O(stop length) per token, not O(text length).
 """
@@ -15,11 +19,20 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from lmforge.infer.sampling import SamplingParams
 
 _ids = itertools.count()
+
+
+class TokenLogprob(NamedTuple):
+    """A token's log-probability under the model (log-softmax of the raw logits, before temperature,
+    penalties, bias and grammar masks) and the `top` most likely tokens there, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(eq=False)
@@ -36,6 +49,10 @@ class Sequence:
     # Set by the engine: EOS ids (unless ignore_eos) and params.stop_token_ids.
     stop_ids: frozenset = frozenset()
     decoder: Any = None  # tokenizer.stream_decoder(), or None when generating ids only
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token_ids entry (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # one per prompt token
+    matcher: Any = None  # the grammar's state (grammar.Matcher) while a constrained sequence runs
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the engine's prefix cache
     _sent: int = 0  # characters of `text` already handed out by pop_text()
 
     @property
@@ -57,6 +74,14 @@ class Sequence:
         if self.finish_reason is not None:
             self.decoder = None  # after a stop string, whatever the decoder holds lies past the cut
         return self.finish_reason is not None
+
+    def finish(self, reason: str = "stop") -> None:
+        """End the sequence now (e.g. its grammar is complete): flush the decoder, set finish_reason."""
+        if self.finish_reason is None:
+            self._flush()
+            if self.finish_reason is None:
+                self.finish_reason = reason
+        self.decoder = None
 
     def _flush(self) -> None:
         if self.decoder is not None:

@@ -6,8 +6,9 @@ at every proposal. Proposals are accepted left to right with probability min(1, 
 al. 2023); the first rejected one is replaced by a sample from max(p - q, 0), and if all k pass the
 target's distribution after them gives one more token for free. Greedy decoding accepts a proposal
 iff it is the target's argmax, so its output is exactly the target's greedy output. Sampled output
-has exactly the target's distribution (temperature, top-k/p, min-p and repetition penalty apply to
-both models, the penalty with the proposals counted as seen).
+has exactly the target's distribution (temperature, top-k/p, min-p, logit bias and repetition penalty
+apply to both models, the penalty with the proposals counted as seen). Presence/frequency penalties,
+grammars and logprobs are the engine's only (a UserError here).
 
 Rejected tokens leave both caches with `KVCache.rollback`. A ring buffer cannot be rolled back (the
 chunk overwrote keys still needed), so sliding-window models get caches without a ring here: the
@@ -99,6 +100,20 @@ class SpeculativeDecoder:
                 )
         if p.stop and self.tokenizer is None:
             raise UserError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        unsupported = [
+            name
+            for name, used in (
+                ("presence_penalty/frequency_penalty", p.uses_counts),
+                ("grammar", p.grammar is not None),
+                ("logprobs", p.logprobs is not None or p.prompt_logprobs is not None),
+            )
+            if used
+        ]
+        if unsupported:
+            raise UserError(
+                f"{', '.join(unsupported)}: not supported with a draft model (speculative decoding); "
+                "generate without the draft"
+            )
         seq.stop_ids = frozenset(
             set(p.stop_token_ids) | (set() if p.ignore_eos else stop_token_ids(self.target, self.tokenizer))
         )

@@ -6,8 +6,11 @@
     serve("runs/sft/final", port=8000)                     # what the CLI does (uvicorn, blocking)
     app = create_app(load_models("runs/sft/final"))         # the ASGI app, for your own server
 
-app.py holds the routes, schema.py the request/response bodies, scheduler.py the engine thread,
-metrics.py the Prometheus metrics, auth.py the API key, static/ the chat page. See docs/serving.md.
+app.py wires the routes; schema.py is the protocol (requests that become SamplingParams, the typed
+responses); completions.py, chat.py (+ tools.py, the tool-call formats) and info.py (models, tokenize,
+health, metrics, the page) are the endpoint families; serving.py is what they share; errors.py the
+error shape; scheduler.py the engine thread; metrics.py Prometheus; auth.py the API key and body
+limits; connection.py the header timeout; static/ the chat page. See docs/serving.md.
 """
 
 from lmforge.serve.app import ServedModel, create_app, load_models, serve

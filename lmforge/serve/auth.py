@@ -1,4 +1,5 @@
-"""API keys and request-size limits as plain ASGI middleware (they answer before any route runs).
+"""API keys, request-size limits and the body-read timeout as plain ASGI middleware (they answer before
+any route runs).
 
 With a key, every request needs `Authorization: Bearer <key>`, except the open paths: `/health` (for
 load balancers and Docker's HEALTHCHECK), the chat page `/` and its `/static/` files (the page asks for
@@ -7,6 +8,7 @@ the key and sends it itself). Keys are compared with `hmac.compare_digest`, in c
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 
@@ -68,11 +70,14 @@ class APIKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `limit` bytes with 413, by Content-Length or while they stream in."""
+    """Refuse request bodies over `limit` bytes with 413, by Content-Length or while they stream in, and
+    bodies whose next piece takes longer than `timeout` seconds to arrive with 408 + Connection: close
+    (a client that sends half a body and waits would otherwise hold its connection forever)."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app, limit: int, timeout: float | None = 30.0):
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -90,14 +95,26 @@ class BodyLimitMiddleware:
                     return await _send_json(send, 413, too_big)
         seen = 0
         started = False
+        body_done = False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done or self.timeout is None:
+                message = await receive()  # after the body: disconnect watchers wait as long as they like
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), self.timeout)
+                except TimeoutError:
+                    raise _BodyTimeout(
+                        f"the request body did not arrive within {self.timeout:g} s (after {seen} bytes)"
+                    ) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise _TooLarge()
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def tracking_send(message):
@@ -111,7 +128,15 @@ class BodyLimitMiddleware:
         except _TooLarge:
             if not started:
                 await _send_json(send, 413, too_big)
+        except _BodyTimeout as e:
+            if not started:
+                body = error_body(str(e), "invalid_request_error", None, "request_timeout")
+                await _send_json(send, 408, body, [(b"connection", b"close")])
 
 
 class _TooLarge(Exception):
+    pass
+
+
+class _BodyTimeout(Exception):
     pass

@@ -59,6 +59,11 @@ class Event:
     text: str  # new text (may be empty: a token that completes no character yet)
     finish_reason: str | None  # "stop" / "length" when this is its last event
     tokens: int  # tokens generated so far
+    # With params.logprobs set: a TokenLogprob (sequence.py) per token generated since the last event,
+    # the final stop token excepted (it is not part of the text).
+    logprobs: list = field(default_factory=list)
+    # With params.prompt_logprobs set, on the first event only: TokenLogprob | None per prompt token.
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -82,6 +87,7 @@ class Request:
     # Scheduler-side state (touched by the engine thread only).
     seqs: list[Sequence] = field(default_factory=list)
     last_token: list[float] = field(default_factory=list)
+    logprobs_sent: list[int] = field(default_factory=list)  # per sequence: logprob entries handed out
     _scheduler: Scheduler | None = None
 
     def cancel(self) -> None:
@@ -305,6 +311,7 @@ class Scheduler:
                 for req in group:
                     req.seqs = [Sequence(p, sp) for p, sp in zip(req.prompts, req.params)]
                     req.last_token = [0.0] * len(req.seqs)
+                    req.logprobs_sent = [-1] * len(req.seqs)  # -1: prompt logprobs not sent yet
                     for i, s in enumerate(req.seqs):
                         self._owner[s] = (req, i)
                     seqs += req.seqs
@@ -338,8 +345,11 @@ class Scheduler:
             self.metrics.itl.labels(m).observe(now - req.last_token[i])
         req.last_token[i] = now
         text = seq.pop_text()
-        if text or seq.finish_reason:
-            out.setdefault(req, []).append(Event(i, text, seq.finish_reason, len(seq.token_ids)))
+        new_lp, prompt_lp = _new_logprobs(req, i, seq)
+        if text or seq.finish_reason or new_lp or prompt_lp is not None:
+            out.setdefault(req, []).append(
+                Event(i, text, seq.finish_reason, len(seq.token_ids), new_lp, prompt_lp)
+            )
         if seq.finish_reason:
             self._owner.pop(seq, None)
 
@@ -413,6 +423,25 @@ class ServingEngine(Engine):
     """
 
     skip_idle_tail = True
+
+
+def _new_logprobs(req: Request, i: int, seq: Sequence) -> tuple[list, list | None]:
+    """The logprob entries of sequence i not handed out yet, and its prompt logprobs the first time."""
+    p = seq.params
+    prompt_lp = None
+    if req.logprobs_sent[i] < 0:
+        req.logprobs_sent[i] = 0
+        if getattr(p, "prompt_logprobs", None) is not None:
+            prompt_lp = list(getattr(seq, "prompt_logprobs", None) or [])
+    if getattr(p, "logprobs", None) is None:
+        return [], prompt_lp
+    entries = getattr(seq, "logprobs", None) or []
+    end = len(entries)
+    if seq.finish_reason == "stop" and seq.token_ids and seq.token_ids[-1] in seq.stop_ids:
+        end = min(end, len(seq.token_ids) - 1)  # the stop token is not part of the text
+    start = req.logprobs_sent[i]
+    req.logprobs_sent[i] = max(start, end)
+    return list(entries[start:end]), prompt_lp
 
 
 def _put_all(batch) -> None:

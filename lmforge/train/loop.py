@@ -674,7 +674,7 @@ def _samples(model, cfg: RunConfig, data: Data, step: int) -> list[str]:
     tok = data.tokenizer
     prompts: list[list[int]] = []
     if cfg.eval.prompts and tok is not None:
-        prompts = [tok.encode(p, bos=tok.bos_id is not None) for p in cfg.eval.prompts[:n]]
+        prompts = [tok.encode_prompt(p) for p in cfg.eval.prompts[:n]]
     elif data.val is not None:
         x, y = next(iter(data.val()))
         for row in x[:n].tolist():

@@ -1,4 +1,4 @@
-"""LoRA: low-rank adapters on our fused projections, saved as a small adapter directory.
+"""LoRA: low-rank adapters on our fused projections, saved in the PEFT format.
 
     y = x W^T + b + dropout(x) A^T B^T * (alpha / r)      A (r, in), B (out, r), W and b frozen
 
@@ -7,9 +7,11 @@ B starts at zero, so an adapted model starts exactly at its base. Targets are ou
 up for GLU MLPs) and `w_out`. Mixtral's experts are stacked parameters, not linear layers, and cannot
 be targeted; their attention can.
 
-An adapter directory holds `adapter_model.safetensors` (tensors named like our parameters:
-`blocks.0.attn.wqkv.lora_A`), `adapter_config.json` (rank, alpha, targets, and the base checkpoint it
-was trained on) and the tokenizer files when the run had a tokenizer.
+An adapter directory is what peft writes (peft_format.py): `adapter_config.json` (peft_type LORA, r,
+lora_alpha, target_modules in HF names, base_model_name_or_path) and `adapter_model.safetensors`
+(base_model.model.<HF module>.lora_A.weight / lora_B.weight), plus the tokenizer files when the run
+had one. So peft, vLLM and transformers load lmforge's adapters, and lmforge loads theirs (separate
+q/k/v adapters are stacked exactly into the fused layout).
 
     model = load_lora_model("runs/sft/final")              # base + adapter, unmerged
     merged = merge_lora(model)                             # plain Transformer, W += B A * alpha / r
@@ -18,7 +20,6 @@ was trained on) and the tokenizer files when the run had a tokenizer.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,31 +27,35 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from lmforge.train import peft_format as P
 from lmforge.utils import UserError, atomic_dir
 
 TARGETS = ("wqkv", "wo", "w_in", "w_out")
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-FORMAT = "lmforge-lora"
+ADAPTER_WEIGHTS = P.ADAPTER_WEIGHTS
+ADAPTER_CONFIG = P.ADAPTER_CONFIG
 
 
-class LoRALinear(nn.Linear):
-    """An nn.Linear whose frozen weight (and bias) are the base layer's, plus a trainable low-rank update.
+class LoRALinear(nn.Module):
+    """A linear layer whose frozen weight (and bias) are the base layer's, plus a trainable low-rank update.
 
     It keeps the `weight`/`bias` names of the layer it replaces, so the base state dict is unchanged.
+    Not an nn.Linear subclass on purpose: code that swaps nn.Linear layers for fast kernels
+    (infer/packed.py, quantization) must not take it for a plain one and drop the update.
+    scale: the update's factor, alpha / rank unless given (rslora: alpha / sqrt(rank)).
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+    def __init__(
+        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, scale: float | None = None
+    ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank if scale is None else scale
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
@@ -59,16 +64,77 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise A
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        a = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
-        return y + F.linear(a, self.lora_B.to(x.dtype)) * self.scale
+        xd = self.lora_dropout(x)
+        w, A, B = self.weight, self.lora_A, self.lora_B
+        if (
+            torch.is_grad_enabled()
+            and x.dtype == w.dtype == A.dtype == B.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and not w.requires_grad
+            and (self.bias is None or not self.bias.requires_grad)
+        ):  # training: one autograd node with in-place accumulation (see _LoRAMatmul)
+            return _LoRAMatmul.apply(x, xd, w, self.bias, A, B, self.scale)
+        y = F.linear(x, w, self.bias)  # (..., out)
+        a = F.linear(xd, A.to(x.dtype))  # (..., r)
+        # scale folded into the small (r) side and added in place: no (..., out) temporary for B a * s
+        return y.add_(F.linear(a * self.scale, B.to(x.dtype)))
 
     def delta(self) -> torch.Tensor:
-        """B A * alpha / r: (out, in) in fp32, what merging adds to the weight."""
+        """B A * scale: (out, in) in fp32, what merging adds to the weight."""
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, rank={self.rank}, alpha={self.alpha}"
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}, scale={self.scale:g}"
+
+
+class _LoRAMatmul(torch.autograd.Function):
+    """y = x W^T + b + s (xd A^T) B^T with W, b frozen, as one autograd node.
+
+    Autograd over the plain expression runs about twice the kernels (a separate scale, the add, the
+    sum of x's two gradients) and keeps an (N, out) temporary; here both sums accumulate in place
+    (addmm_). x (N, in) (xd: x after LoRA dropout, or x itself), A (r, in), B (out, r):
+        forward   y = x W^T + b;  a = xd A^T (N, r);  y += s a B^T
+        backward  ga = s g B (N, r);  dB = s g^T a;  dA = ga^T xd;  dx = g W (+ ga A when xd is x)
+    Every extra op also costs a thread synchronisation, which on a shared CPU is often a wait.
+    """
+
+    @staticmethod
+    def forward(ctx, x, xd, weight, bias, A, B, scale):
+        shape = x.shape
+        x2, xd2 = x.reshape(-1, shape[-1]), xd.reshape(-1, shape[-1])
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        a = torch.mm(xd2, A.t())  # (N, r)
+        y.addmm_(a, B.t(), alpha=scale)
+        ctx.same = xd is x
+        ctx.scale = scale
+        ctx.save_for_backward(xd2, a, weight, A, B)
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        xd2, a, weight, A, B = ctx.saved_tensors
+        s = ctx.scale
+        g = gy.reshape(-1, gy.shape[-1])  # (N, out)
+        ga = torch.mm(g, B).mul_(s)  # (N, r)
+        dB = torch.mm(g.t(), a).mul_(s) if ctx.needs_input_grad[5] else None  # (out, r)
+        dA = torch.mm(ga.t(), xd2) if ctx.needs_input_grad[4] else None  # (r, in)
+        dx = dxd = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(g, weight)  # (N, in)
+            if ctx.same:
+                dx.addmm_(ga, A)
+        if not ctx.same and ctx.needs_input_grad[1]:
+            dxd = torch.mm(ga, A)
+        shape = (*gy.shape[:-1], weight.shape[1])
+        return (
+            dx.view(shape) if dx is not None else None,
+            dxd.view(shape) if dxd is not None else None,
+            None,
+            None,
+            dA,
+            dB,
+            None,
+        )
 
 
 def _resolve_targets(targets) -> list[str]:
@@ -106,8 +172,26 @@ def apply_lora(
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only, named like the model's parameters."""
+    """The adapter tensors only, named like the model's parameters (blocks.0.attn.wqkv.lora_A)."""
     return {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+
+
+def lora_config_of(model: nn.Module) -> dict:
+    """What save_adapter needs about a model's LoRA layers: rank, alpha, dropout, targets and, when
+    they differ from alpha / rank (adapters read from peft), each module's scale."""
+    cfg = dict(getattr(model, "lora_config", None) or {})
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if not layers:
+        raise UserError("the model has no LoRA layers")
+    first = next(iter(layers.values()))
+    cfg.setdefault("rank", first.rank)
+    cfg.setdefault("alpha", first.alpha)
+    cfg.setdefault("dropout", 0.0)
+    cfg.setdefault("targets", sorted({n.rsplit(".", 1)[-1] for n in layers}))
+    scales = {_strip(n): m.scale for n, m in layers.items() if m.scale != cfg["alpha"] / m.rank}
+    if scales:
+        cfg["scales"] = scales
+    return cfg
 
 
 def _strip(name: str) -> str:
@@ -125,7 +209,8 @@ def save_adapter(
     model_config=None,
     tokenizer=None,
 ) -> Path:
-    """Write an adapter directory atomically: adapter_model.safetensors + adapter_config.json (+ tokenizer)."""
+    """Write a PEFT adapter directory atomically: adapter_model.safetensors + adapter_config.json
+    (+ tokenizer). tensors are ours (lora_state_dict); model_config is the base's (for HF names)."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         save_into(tmp, tensors, lora_config, base, model_config, tokenizer)
@@ -135,14 +220,7 @@ def save_adapter(
 def save_into(directory: Path, tensors, lora_config, base, model_config=None, tokenizer=None) -> None:
     """Write the adapter files into an existing directory (a checkpoint being assembled)."""
     t = {_strip(k): v.detach().float().cpu().contiguous() for k, v in tensors.items()}
-    save_file(t, str(directory / ADAPTER_WEIGHTS), metadata={"format": FORMAT})
-    cfg = {
-        "format": FORMAT,
-        **lora_config,
-        "base_model": str(Path(base).resolve()) if base else None,
-        "base_config": model_config.to_hf() if model_config is not None else None,
-    }
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    P.write_peft(Path(directory), t, lora_config, base, model_config)
     if tokenizer is not None:
         tokenizer.save(directory)
 
@@ -152,60 +230,98 @@ def is_adapter(path: str | os.PathLike) -> bool:
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    f = Path(path) / ADAPTER_CONFIG
-    if not f.is_file():
-        raise UserError(f"{path}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{f}: not valid JSON ({e})") from None
-    if cfg.get("format") != FORMAT:
-        raise UserError(f"{f}: format {cfg.get('format')!r} is not {FORMAT!r}")
-    return cfg
+    """adapter_config.json (PEFT's, or lmforge's earlier format), checked for what lmforge supports."""
+    return P.read_config(path)
+
+
+def _attach(model: nn.Module, adapter: P.Adapter, path) -> None:
+    """Wrap each adapted module of `model` in a LoRALinear holding the adapter's factors (in place)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, (A, B, scale) in adapter.modules.items():
+        try:
+            child = model.get_submodule(name)
+        except AttributeError:
+            child = None
+        if type(child) is not nn.Linear:
+            raise UserError(f"{path}: the adapter adapts {name}, which is not a linear layer of this model")
+        if A.shape[1] != child.in_features or B.shape[0] != child.out_features:
+            raise UserError(
+                f"{path}: {name}: LoRA factors {tuple(B.shape)} x {tuple(A.shape)} do not fit the base's "
+                f"({child.out_features}, {child.in_features}) layer (a different base model?)"
+            )
+        r = A.shape[0]
+        lora = LoRALinear(child, r, scale * r, adapter.dropout, scale=scale)
+        with torch.no_grad():
+            lora.lora_A.copy_(A)
+            lora.lora_B.copy_(B)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, lora)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for ours, parts in adapter.replace.items():  # modules_to_save, trained biases
+            if ours not in params:
+                raise UserError(f"{path}: the adapter replaces {ours}, which this model does not have")
+            for start, t in parts:
+                dst = params[ours] if start is None else params[ours][start : start + t.shape[0]]
+                if dst.shape != t.shape:
+                    raise UserError(
+                        f"{path}: the adapter's copy of {ours} has shape {tuple(t.shape)}, the base "
+                        f"{tuple(dst.shape)} (tokens added to the vocabulary are not supported)"
+                    )
+                dst.copy_(t)
+    ranks = {m[0].shape[0] for m in adapter.modules.values()}
+    first = next(iter(adapter.modules.values()), None)
+    model.lora_config = {
+        "rank": max(ranks) if ranks else 0,
+        "alpha": first[2] * first[0].shape[0] if first else 0.0,
+        "dropout": adapter.dropout,
+        "targets": sorted({n.rsplit(".", 1)[-1] for n in adapter.modules}),
+    }
 
 
 def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> None:
     """Copy the adapter tensors of `path` into a model that already has LoRA layers of the same shape."""
-    f = Path(path) / ADAPTER_WEIGHTS
-    if not f.is_file():
-        raise UserError(f"{path}: missing {ADAPTER_WEIGHTS}")
-    params = dict(model.named_parameters())
-    expected = {n for n in params if ".lora_" in n}
-    with safe_open(str(f), framework="pt") as h:
-        names = set(h.keys())
-        if names != expected:
-            missing, extra = sorted(expected - names), sorted(names - expected)
-            raise UserError(
-                f"{f}: adapter tensors do not match the model's LoRA layers "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}); check rank and targets"
-            )
-        with torch.no_grad():
-            for n in names:
-                t = h.get_tensor(n)
-                if t.shape != params[n].shape:
-                    raise UserError(
-                        f"{f}: {n} has shape {tuple(t.shape)}, the model expects "
-                        f"{tuple(params[n].shape)} (different rank or base model)"
-                    )
-                params[n].copy_(t)
+    adapter = P.read_adapter(path, model.config)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    if set(adapter.modules) != set(layers):
+        missing, extra = (
+            sorted(set(layers) - set(adapter.modules)),
+            sorted(set(adapter.modules) - set(layers)),
+        )
+        raise UserError(
+            f"{path}: adapter tensors do not match the model's LoRA layers "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}); check rank and targets"
+        )
+    with torch.no_grad():
+        for n, (A, B, _) in adapter.modules.items():
+            m = layers[n]
+            if A.shape != m.lora_A.shape or B.shape != m.lora_B.shape:
+                raise UserError(
+                    f"{path}: {n} has LoRA factors {tuple(B.shape)} x {tuple(A.shape)}, the model expects "
+                    f"{tuple(m.lora_B.shape)} x {tuple(m.lora_A.shape)} (different rank or base model)"
+                )
+            m.lora_A.copy_(A)
+            m.lora_B.copy_(B)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply the adapter at `path` to a base model (in place) and return it."""
-    cfg = read_adapter_config(path)
-    apply_lora(model, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"])
-    load_adapter_weights(model, path)
+    """Apply the adapter at `path` (PEFT, or lmforge's earlier format) to a base model (in place)."""
+    _attach(model, P.read_adapter(path, model.config), path)
     return model
 
 
 def _base_of(path, base) -> str:
     cfg = read_adapter_config(path)
-    base = base or cfg.get("base_model")
+    base = base or P.base_of(cfg)
     if not base:
         raise UserError(f"{path}: the adapter does not name its base checkpoint; pass it with --base")
     if not Path(base).is_dir():
-        raise UserError(f"{path}: base checkpoint {base} not found; pass the base directory with --base")
-    return base
+        raise UserError(
+            f"{path}: base checkpoint {base} is not a local directory; pass the base model's "
+            "directory with --base"
+        )
+    return str(base)
 
 
 def load_lora_model(
