@@ -180,8 +180,9 @@ def test_container_command_serves_and_passes_its_healthcheck(tmp_path):
 # Modelfile), instructions from its set, TEMPLATE in triple quotes as a Go template over .Messages
 # (.Role, .Content; the system prompt is a message), PARAMETER stop "<token>" per end-of-turn token,
 # PARAMETER num_ctx. No Ollama here, so the Go template is executed by the small evaluator below (the
-# constructs it uses: range, if/else, eq/ne/or/not/index, {{- trimming}); its rendering must equal
-# the model's own Jinja chat template and llama.cpp's built-in rendering of the same conversation.
+# constructs it uses: range with $i/$m variables, if/else, eq/ne/and/or/not/index/len/slice, $ for the
+# root, {{- trimming}); its rendering must equal the model's own Jinja chat template and, where
+# llama.cpp knows the format, its built-in rendering of the same conversation.
 OLLAMA_INSTRUCTIONS = {"FROM", "TEMPLATE", "PARAMETER", "SYSTEM", "ADAPTER", "LICENSE", "MESSAGE", "REQUIRES"}
 TEMPLATES = Path(__file__).resolve().parent / "data" / "templates"
 MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>",
@@ -190,71 +191,123 @@ MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|e
 
 
 def go_render(template: str, messages: list[dict]) -> str:
-    """Execute the Go-template subset Ollama templates use here, with .Messages = messages."""
-    parts = re.split(r"(\{\{-?\s*.*?\s*-?\}\})", template)
+    """Execute the Go-template subset Ollama templates use here, with .Messages = messages: text, {{- -}}
+    trimming, range (with `$i, $m :=`), if/else, and the builtins eq, ne, and, or, not, index, len,
+    slice; `.Field`, `$.Field`, `$var`, `(pipeline).Field`, string and integer literals."""
+    parts = re.split(r"(\{\{-?\s.*?\s-?\}\}|\{\{[^\s-].*?\}\})", template)
     for i, p in enumerate(parts):  # {{- and -}} trim the whitespace next to them
         if p.startswith("{{-") and i > 0:
             parts[i - 1] = parts[i - 1].rstrip()
         if p.endswith("-}}") and i + 1 < len(parts):
             parts[i + 1] = parts[i + 1].lstrip()
-    tokens = [p if not p.startswith("{{") else ("act", p.strip("{}- ").strip()) for p in parts]
+    tokens = [p if not p.startswith("{{") else ("act", p[2:-2].strip("- ").strip()) for p in parts]
 
-    def cond(expr: str, dot) -> bool:
-        expr = expr.strip()
-        if expr.startswith("or "):  # or (A) (B): split the two top-level parenthesised arguments
-            args, depth, cur = [], 0, ""
-            for ch in expr[3:]:
-                depth += (ch == "(") - (ch == ")")
-                cur += ch
-                if depth == 0 and cur.strip():
-                    args.append(cur.strip()[1:-1])
-                    cur = ""
-            return cond(args[0], dot) or cond(args[1], dot)
-        if expr.startswith("not "):
-            return not value(expr[4:], dot)
-        op, a, b = re.match(r'(eq|ne) (\(index \.Messages 0\)\.Role|\.Role) "(.*)"', expr).groups()
-        left = messages[0]["role"] if a.startswith("(index") else dot["role"]
-        return (left == b) == (op == "eq")
-
-    def value(expr: str, dot):
-        return {
-            ".Role": lambda: dot["role"],
-            ".Content": lambda: dot["content"],
-            ".Messages": lambda: messages,
-        }[expr.strip()]()
-
-    def block(i: int, dot) -> tuple[str, int, str]:
-        out = ""
+    def tree(i: int):  # -> (nodes, index of the closing action, that action)
+        nodes = []
         while i < len(tokens):
             t = tokens[i]
             if isinstance(t, str):
-                out, i = out + t, i + 1
+                nodes.append(t)
+                i += 1
                 continue
             act = t[1]
-            if act in ("end", "else"):
-                return out, i, act
-            if act.startswith("range "):
-                start, text = i + 1, ""
-                for m in value(act[6:], dot):
-                    body, i, _ = block(start, m)
-                    text += body
-                if not messages:
-                    _, i, _ = block(start, dot)
-                out, i = out + text, i + 1
-            elif act.startswith("if "):
-                yes, i, stop = block(i + 1, dot)
-                no = ""
+            if act == "end" or act.startswith("else"):
+                return nodes, i, act
+            if act.startswith(("if ", "range ")):
+                body, i, stop = tree(i + 1)
+                other = []
+                assert stop in ("else", "end"), stop  # (`else if` is not used by these templates)
                 if stop == "else":
-                    no, i, _ = block(i + 1, dot)
-                out, i = out + (yes if cond(act[3:], dot) else no), i + 1
+                    other, i, stop = tree(i + 1)
+                assert stop == "end", act
+                nodes.append((act.split()[0], act.split(None, 1)[1], body, other))
+                i += 1
             else:
-                out, i = out + str(value(act, dot)), i + 1
-        return out, i, ""
+                nodes.append(("out", act))
+                i += 1
+        return nodes, i, ""
 
-    return block(0, None)[0]
+    def lex(expr: str) -> list[str]:
+        toks = re.findall(
+            r'"(?:[^"\\]|\\.)*"|\(|\)|\$?[A-Za-z_]*(?:\.[A-Za-z_]+)+|\$[A-Za-z_]*|[A-Za-z_]+|-?\d+', expr
+        )
+        assert "".join(toks) == expr.replace(" ", ""), expr
+        return toks
+
+    funcs = {
+        "eq": lambda a, b: a == b,
+        "ne": lambda a, b: a != b,
+        "not": lambda a: not a,
+        "and": lambda *a: next((x for x in a if not x), a[-1]),
+        "or": lambda *a: next((x for x in a if x), a[-1]),
+        "index": lambda a, i: a[i],
+        "len": len,
+        "slice": lambda a, i: a[i:],
+    }
+
+    def pipeline(toks: list[str], pos: int, env):  # a command: operands until ")" or the end
+        args = []
+        while pos < len(toks) and toks[pos] != ")":
+            t = toks[pos]
+            if t == "(":
+                v, pos = pipeline(toks, pos + 1, env)
+                pos += 1  # the ")"
+                while pos < len(toks) and toks[pos].startswith("."):  # (x).Field
+                    for name in toks[pos].split(".")[1:]:
+                        v = v[name]
+                    pos += 1
+                args.append(v)
+                continue
+            if t.startswith('"'):
+                args.append(json.loads(t))
+            elif re.fullmatch(r"-?\d+", t):
+                args.append(int(t))
+            elif t.startswith("$") or t.startswith("."):
+                head, *names = t.split(".")
+                v = env["dot"] if head == "" else env[head]
+                for name in names:
+                    v = v[name]
+                args.append(v)
+            else:
+                args.append(funcs[t])
+            pos += 1
+        if callable(args[0]):
+            return args[0](*args[1:]), pos
+        assert len(args) == 1, toks
+        return args[0], pos
+
+    def value(expr: str, env):
+        return pipeline(lex(expr), 0, env)[0]
+
+    def run(nodes, env) -> str:
+        out = ""
+        for n in nodes:
+            if isinstance(n, str):
+                out += n
+            elif n[0] == "out":
+                out += str(value(n[1], env))
+            elif n[0] == "if":
+                out += run(n[2] if value(n[1], env) else n[3], env)
+            else:  # range [$i, $m :=] pipeline
+                names, _, expr = n[1].rpartition(":=")
+                names = [x.strip() for x in names.split(",") if x.strip()]
+                items = value(expr, env)
+                for i, m in enumerate(items):
+                    sub = {**env, "dot": m}
+                    if len(names) == 2:
+                        sub[names[0]], sub[names[1]] = i, m
+                    elif names:
+                        sub[names[0]] = m
+                    out += run(n[2], sub)
+                if not items:
+                    out += run(n[3], env)
+        return out
+
+    root = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+    return run(tree(0)[0], {"dot": root, "$": root})
 
 
-def _template_tokenizer(name: str):
+def _template_tokenizer(name: str, template: str | None = None):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, trainers
     from tokenizers import pre_tokenizers as pt
@@ -269,7 +322,7 @@ def _template_tokenizer(name: str):
     t.train_from_iterator(["hello world, a tiny corpus"] * 10, trainer)
     meta = json.loads((TEMPLATES.parent / "tokenizers" / f"{name}.json").read_text())
     config = {k: v for k, v in meta.get("tokenizer_config", {}).items() if k != "chat_template"}
-    return Tokenizer(t.to_str(), config, (TEMPLATES / f"{name}.jinja").read_text())
+    return Tokenizer(t.to_str(), config, template or (TEMPLATES / f"{name}.jinja").read_text())
 
 
 CONVERSATION = [
@@ -278,7 +331,10 @@ CONVERSATION = [
     {"role": "assistant", "content": "Blue."},
     {"role": "user", "content": "Another one?"},
 ]
-# hub template -> (the format the Modelfile uses, llama.cpp renders it the same way)
+# hub template -> (the format the Modelfile uses, llama.cpp renders it the same way: True, False or
+# MULTI_SYS_DIFFERS, same unless a system prompt meets several user turns: llama.cpp's mistral-v3 puts
+# it into the first user turn, Mistral's template into the last)
+MULTI_SYS_DIFFERS = "multi-turn system differs"
 HUB_FORMATS = {
     "qwen3-0.6b": ("chatml", True),
     "qwen2.5-0.5b-instruct": ("chatml", False),  # its default system prompt: llama.cpp's chatml has none
@@ -287,37 +343,70 @@ HUB_FORMATS = {
     "phi-3.5-mini-instruct": ("phi3", True),
     "phi-4-mini-instruct": ("lmforge", False),
     "olmo-2-1b-instruct": ("olmo2", False),
+    "llama-3.1-8b-instruct": ("llama3-dated", False),  # llama.cpp's llama3 writes no date header
+    "llama-3.2-1b-instruct": ("llama3-dated", False),
+    "mistral-7b-instruct-v0.3": ("mistral-inst", MULTI_SYS_DIFFERS),
+    "gemma-3-1b-it": ("gemma3", True),
+}
+CONVERSATIONS = {
+    "system+multi": CONVERSATION,
+    "multi": CONVERSATION[1:],
+    "system+one": [CONVERSATION[0], CONVERSATION[-1]],
+    "one": CONVERSATION[-1:],
 }
 
 
+@pytest.mark.parametrize("convo", sorted(CONVERSATIONS))
 @pytest.mark.parametrize("name", sorted(HUB_FORMATS))
-def test_ollama_template_renders_like_the_chat_template(name):
+def test_ollama_template_renders_like_the_chat_template(name, convo):
     from lmforge.export.ollama import chat_format, go_template
 
     tok = _template_tokenizer(name)
     fmt, llama_cpp_same = HUB_FORMATS[name]
     assert chat_format(tok)[0] == fmt
     tpl = go_template(tok)
-    convo = CONVERSATION if name != "gemma-2-2b-it" else CONVERSATION[1:]  # Gemma 2 refuses a system turn
-    jinja = tok.apply_chat_template(convo, add_generation_prompt=True)
+    messages = CONVERSATIONS[convo]
+    if name == "gemma-2-2b-it" and messages[0]["role"] == "system":
+        pytest.skip("Gemma 2's template refuses a system turn")
+    jinja = tok.apply_chat_template(messages, add_generation_prompt=True)
     if "bos_token" in tok.chat_template and tok.bos_id is not None:
         jinja = jinja.removeprefix(tok.id_to_token(tok.bos_id))  # llama.cpp / Ollama add BOS themselves
-    assert go_render(tpl, convo) == jinja
-    if llama_cpp_same:
+    assert go_render(tpl, messages) == jinja
+    if llama_cpp_same is True or (llama_cpp_same == MULTI_SYS_DIFFERS and convo != "system+multi"):
         from lmforge.export.llama_cpp import LlamaCppUnavailable, chat_template_apply
 
         try:
-            assert chat_template_apply(tok.chat_template, convo) == jinja
+            assert chat_template_apply(tok.chat_template, messages) == jinja
         except LlamaCppUnavailable as e:
             pytest.skip(str(e))
 
 
-@pytest.mark.parametrize("name", ["llama-3.2-1b-instruct", "mistral-7b-instruct-v0.3", "gemma-3-1b-it"])
-def test_ollama_template_untranslatable_falls_back(name):
+def test_ollama_llama3_date_header():
+    """Llama 3.1 writes a fixed date (kept literally, no note); Llama 3.2 today's date via strftime_now,
+    which Ollama cannot write in that format: the TEMPLATE has the export date and a comment says so."""
+    from datetime import datetime
+
+    from lmforge.export.ollama import modelfile
+
+    fixed = modelfile("model.gguf", _template_tokenizer("llama-3.1-8b-instruct"), 512)
+    assert "Today Date: 26 Jul 2024\n\n" in fixed and "export date" not in fixed
+    today = datetime.now().strftime("%d %b %Y")
+    dated = modelfile("model.gguf", _template_tokenizer("llama-3.2-1b-instruct"), 512)
+    assert f"Today Date: {today}\n\n" in dated
+    notes = [ln for ln in dated.splitlines() if ln.startswith("#") and "export date" in ln]
+    assert notes and today in notes[0]
+    assert re.findall(r'^PARAMETER stop "(.*)"$', dated, re.M) == ["<|eot_id|>"]
+    mistral = modelfile("model.gguf", _template_tokenizer("mistral-7b-instruct-v0.3"), 512)
+    assert "</s>{{ end }}" in mistral and 'PARAMETER stop "</s>"' in mistral  # EOS closes a turn and stops
+
+
+def test_ollama_template_untranslatable_falls_back():
     from lmforge.export.ollama import chat_format, modelfile
 
-    tok = _template_tokenizer(name)
-    assert chat_format(tok) is None  # (Llama 3.2 writes today's date; Gemma 3 folds the system turn)
+    tok = _template_tokenizer(
+        "gemma-3-1b-it", "{% for m in messages %}### {{ m.role | upper }}: {{ m.content }}\n{% endfor %}"
+    )
+    assert chat_format(tok) is None
     with pytest.warns(UserWarning, match="not one lmforge can translate"):
         text = modelfile("model.gguf", tok, 512)
     assert 'TEMPLATE """{{ .Prompt }}"""' in text

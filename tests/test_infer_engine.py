@@ -149,9 +149,14 @@ def test_continuous_batching_equals_each_request_alone(family, static):
     assert any(d > 0 for d in shifts) and any(d < 0 for d in shifts)
 
 
-def test_static_decode_step_compiles_as_one_graph():
-    """The CUDA-graph decode step traces with fullgraph=True (no graph breaks) and decodes the same."""
-    lm = _lm("mistral", n_layers=1)
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "qwen3", "olmo2"])
+def test_static_decode_step_compiles_as_one_graph(family):
+    """The static decode step (CUDA graphs; inductor on CPU) traces with fullgraph=True (no graph
+    breaks) and decodes the same: a ring-buffer window (mistral), sliding and full layers in one model
+    with soft-caps (gemma2, gemma3), q/k norms per head (qwen3) and over all heads (olmo2)."""
+    windowed = dict(mistral=1, gemma2=2, gemma3=6)  # layers; windows of 8 tokens, passed by every row
+    kw = dict(n_layers=windowed[family], sliding_window=8) if family in windowed else dict(n_layers=1)
+    lm = _lm(family, **kw)
     ref = _greedy(lm, PROMPTS[:2], 12, ignore_eos=True)
     engine = Engine(lm.model, max_batch=2, max_len=40)
     engine._static = _StaticStep(engine.cache)
