@@ -1276,9 +1276,10 @@ def _cmd_export(sub) -> None:
         ],
         description="Export a checkpoint directory. onnx writes a directory with model.onnx (input_ids + "
         "attention_mask -> logits) and, with --with-cache, model_with_past.onnx (a KV-cache decoder step), "
-        "checked against PyTorch in onnxruntime before it is kept. gguf writes one llama.cpp file "
-        "(llama, mistral, mixtral, gemma, gpt2) with the tokenizer and chat template. ollama writes a "
-        "directory with the GGUF file and a Modelfile. Output is written atomically. See docs/export.md.",
+        "checked against PyTorch in onnxruntime before it is kept. gguf writes one llama.cpp file (every "
+        "family but original GPT) with the tokenizer and chat template, or a LoRA adapter GGUF when "
+        "CHECKPOINT is an adapter directory. ollama writes a directory with the GGUF file(s) and a "
+        "Modelfile. Output is written atomically. See docs/export.md.",
     )
     _add_checkpoint(p)
     p.add_argument("--format", required=True, choices=["onnx", "gguf", "ollama"], help="what to write")
