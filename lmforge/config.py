@@ -399,61 +399,25 @@ FAMILIES: dict[str, dict] = {
         embed_scale=True,
         norm_eps=1e-6,
     ),
+}
+# The families added since are their parent's row with a few switches more.
+_LLAMA, _GEMMA = FAMILIES["llama"], FAMILIES["gemma"]
+FAMILIES |= {
     # Qwen2 / Qwen2.5: Llama with biases on q, k and v (not o)
-    "qwen2": dict(
-        pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=1e6, norm_eps=1e-6, qkv_bias=True
-    ),
+    "qwen2": _LLAMA | dict(rope_theta=1e6, norm_eps=1e-6, qkv_bias=True),
     # Qwen3: Llama with RMSNorm over each query and key head before RoPE
-    "qwen3": dict(
-        pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=1e6, norm_eps=1e-6, qk_norm="head"
-    ),
+    "qwen3": _LLAMA | dict(rope_theta=1e6, norm_eps=1e-6, qk_norm="head"),
     # Gemma 2: Gemma with sandwich norms, soft-capped attention and logits, alternating sliding/full layers
-    "gemma2": dict(
-        pos_emb="rope",
-        norm="rmsnorm",
-        norm_unit_offset=True,
-        mlp="glu",
-        act="gelu_tanh",
-        tie_embeddings=True,
-        embed_scale=True,
-        norm_eps=1e-6,
-        sublayer_norm=True,
-        attn_softcap=50.0,
-        final_softcap=30.0,
-        sliding_window=4096,
-    ),
+    "gemma2": _GEMMA | dict(sublayer_norm=True, attn_softcap=50.0, final_softcap=30.0, sliding_window=4096),
     # Gemma 3 (text): Gemma 2 without soft-caps, with per-head q/k norms, five sliding layers per full one
     # and a separate RoPE base for the sliding layers
-    "gemma3": dict(
-        pos_emb="rope",
-        norm="rmsnorm",
-        norm_unit_offset=True,
-        mlp="glu",
-        act="gelu_tanh",
-        tie_embeddings=True,
-        embed_scale=True,
-        norm_eps=1e-6,
-        sublayer_norm=True,
-        qk_norm="head",
-        rope_theta=1e6,
-        rope_local_theta=1e4,
-        sliding_window=512,
-    ),
+    "gemma3": _GEMMA
+    | dict(sublayer_norm=True, qk_norm="head", rope_theta=1e6, rope_local_theta=1e4, sliding_window=512),
     # Phi-3 / Phi-3.5 / Phi-4-mini: Llama with fused qkv_proj / gate_up_proj tensors (a mapping difference
     # only), longrope scaling and partial rotary embeddings in the long-context versions
-    "phi3": dict(pos_emb="rope", norm="rmsnorm", mlp="glu", act="silu", rope_theta=1e4, norm_eps=1e-5),
+    "phi3": dict(_LLAMA),
     # OLMo 2: no norms before the sub-layers, a norm on each sub-layer's output, RMSNorm over all of q / k
-    "olmo2": dict(
-        pos_emb="rope",
-        norm="rmsnorm",
-        mlp="glu",
-        act="silu",
-        rope_theta=5e5,
-        norm_eps=1e-6,
-        pre_norm=False,
-        sublayer_norm=True,
-        qk_norm="full",
-    ),
+    "olmo2": _LLAMA | dict(rope_theta=5e5, norm_eps=1e-6, pre_norm=False, sublayer_norm=True, qk_norm="full"),
 }
 
 # Which layers slide, per family (HF's defaults when config.json has no layer_types).

@@ -514,7 +514,9 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self.chat_templates.get("default") or next(iter(self.chat_templates.values()), None)
 
-    def _template_for(self, tools) -> str:
+    def template_for(self, tools=None) -> str:
+        """The chat template source that renders a request with (or without) `tools`: the "tool_use"
+        template where the tokenizer has one and tools are given, else the default."""
         if not self.chat_templates:
             raise UserError(
                 "this tokenizer has no chat template (tokenizer_config.json has no chat_template, there is "
@@ -556,7 +558,7 @@ class Tokenizer:
         self, messages, add_generation_prompt, tools, documents, template_kwargs, track: bool = False
     ) -> tuple[str, list[tuple[int, int]]]:
         """(text, spans): spans are the character ranges inside `{% generation %}` blocks when `track`."""
-        source = self._template_for(tools)
+        source = self.template_for(tools)
         if source not in self._jinja:
             self._jinja[source] = _compile_template(source)
         template = self._jinja[source]

@@ -378,9 +378,7 @@ def stop_ids(tokenizer, cfg) -> list[int]:
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
     """Ids lmforge gives a text prompt (its BOS rule included), which llama.cpp must reproduce."""
-    if hasattr(tokenizer, "encode_prompt"):
-        return tokenizer.encode_prompt(text)
-    return tokenizer.encode(text, bos=tokenizer.bos_id is not None)
+    return tokenizer.encode_prompt(text)
 
 
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")

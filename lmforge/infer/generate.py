@@ -75,11 +75,8 @@ def encode_prompts(prompt, tokenizer) -> tuple[list[list[int]], bool, bool]:
         )
     if tokenizer is None:
         raise UserError("this model has no tokenizer (no tokenizer.json in its directory): pass token ids")
-    encode = getattr(tokenizer, "encode_prompt", None)  # the tokenizer's one BOS rule (shared with serve)
-    if encode is None:
-        bos = tokenizer.bos_id is not None  # documents were trained as BOS + text + EOS
-        return [tokenizer.encode(p, bos=bos) for p in prompts], single, text
-    return [encode(p) for p in prompts], single, text
+    # encode_prompt: the tokenizer's one BOS rule, shared with serve
+    return [tokenizer.encode_prompt(p) for p in prompts], single, text
 
 
 def fit_context(

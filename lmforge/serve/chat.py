@@ -55,7 +55,7 @@ def _tool_plan(m: V.ServedModel, body: S.ChatCompletionRequest):
         return None, None, "", None
     tok = m.tokenizer
     # The template that renders tools (a tokenizer may keep a separate "tool_use" one).
-    template = tok._template_for(body.tools) if hasattr(tok, "_template_for") else tok.chat_template
+    template = tok.template_for(body.tools)
     fmt = T.detect(template)
     if fmt is None:
         raise APIError(
