@@ -131,8 +131,8 @@ def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: 
     from transformers import LlamaForCausalLM, TrainingArguments
 
     from lmforge.data.loader import TokenLoader
-    from lmforge.train.loop import compute_dtype
     from lmforge.train.optim import lr_at
+    from lmforge.train.trainer import compute_dtype
 
     t_start, c0 = time.perf_counter(), time.process_time()
     deadline = t_start + budget
@@ -224,7 +224,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lmforge.checkpoint import load_model, save_model
+    import lmforge
+    from lmforge.checkpoint import save_model
     from lmforge.evaluate import evaluate_lm
     from lmforge.model import build
     from lmforge.utils import human_count
@@ -260,7 +261,7 @@ def main() -> None:
 
     # the initial weights lmforge's run starts from, as a transformers directory
     from lmforge.train.data import make_data
-    from lmforge.train.loop import model_config
+    from lmforge.train.trainer import model_config
 
     mc = model_config(cfg, make_data(cfg))
     init = build(mc)
@@ -318,8 +319,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in rows:
-        ev = evaluate_lm(str(r["path"]), str(data_dir), max_tokens=max_tokens, device="cpu")
-        n = load_model(r["path"]).num_params()
+        lm = lmforge.load(r["path"], device="cpu")
+        ev = evaluate_lm(lm.model, lm.tokenizer, str(data_dir), max_tokens=max_tokens)
+        n = lm.model.num_params()
         per_cpu = f"{r['tokens'] / r['cpu']:,.0f}" if r["cpu"] else "-"
         print(
             f"| {name} | {human_count(n)} | {r['steps']} | {human_count(r['tokens'])} | {r['seconds']:.0f} | "

@@ -32,13 +32,15 @@ import lmforge  # noqa: E402
 from lmforge.compress.qlinear import QuantLinear  # noqa: E402
 from lmforge.compress.quantize import quantize  # noqa: E402
 from lmforge.evaluate import evaluate_lm  # noqa: E402
-from lmforge.evaluate.report import format_table  # noqa: E402
+from lmforge.evaluate.table import format_table  # noqa: E402
 from lmforge.infer import generate  # noqa: E402
 from lmforge.utils import dir_size, human_bytes  # noqa: E402
 
 
 def ours(lm, prompt: list[int]):
-    return lambda k: lambda: generate(lm, [prompt], max_new_tokens=k, temperature=0, ignore_eos=True)
+    return lambda k: (
+        lambda: generate(lm.model, lm.tokenizer, [prompt], max_new_tokens=k, temperature=0, ignore_eos=True)
+    )
 
 
 def variants(ckpt: Path, out: Path, calibration: str) -> dict[str, tuple[Path, str | None]]:
@@ -68,7 +70,7 @@ def part1(args, out: Path) -> list[dict]:
     rows = []
     for k, lm in lms.items():
         t0 = time.perf_counter()
-        ev = evaluate_lm(lm, args.eval_data, max_tokens=args.eval_tokens)
+        ev = evaluate_lm(lm.model, lm.tokenizer, args.eval_data, max_tokens=args.eval_tokens)
         size = (v[k][0] / "model.safetensors").stat().st_size
         rows.append(
             {

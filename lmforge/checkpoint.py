@@ -18,7 +18,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig, switches
-from lmforge.hf import IGNORED_SUFFIXES, from_hf_state_dict, layout, name_aliases, to_hf_state_dict
+from lmforge.hf import (
+    IGNORED_SUFFIXES,
+    config_from_hf,
+    config_to_hf,
+    from_hf_state_dict,
+    layout,
+    name_aliases,
+    to_hf_state_dict,
+)
 from lmforge.utils import UserError, atomic_dir, dir_size, human_bytes, human_count
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -113,7 +121,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise UserError(f"{f}: not valid JSON ({e})") from None
     try:
-        return ModelConfig.from_hf(d)
+        return config_from_hf(d)
     except (ValueError, KeyError) as e:
         raise UserError(f"{f}: {e}") from None
 
@@ -126,6 +134,12 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None 
     cfg = read_config(path)
     files = _TensorFiles(path)
     files.alias(cfg)
+    qcfg = cfg.extra.get("quantization_config")
+    if qcfg:
+        from lmforge.compress.formats import import_tensors, is_ecosystem
+
+        if is_ecosystem(qcfg):  # GPTQ / AWQ / compressed-tensors: as lmforge's own format, or float
+            cfg, files = import_tensors(path, cfg, files)
     if cfg.extra.get("quantization_config"):  # integer weights + scales (lmforge quantize)
         from lmforge.compress.qlinear import load_quantized
 
@@ -161,19 +175,31 @@ def load_model(path: str | os.PathLike, device="cpu", dtype: torch.dtype | None 
 
 
 def save_model(
-    model, path: str | os.PathLike, tokenizer=None, extra_files: dict[str, str] | None = None
+    model,
+    path: str | os.PathLike,
+    tokenizer=None,
+    extra_files: dict[str, str] | None = None,
+    format: str = "lmforge",
 ) -> Path:
-    """Write an HF model directory atomically (the directory appears complete or not at all)."""
+    """Write an HF model directory atomically (the directory appears complete or not at all).
+    format: how a quantized model's layers are stored: lmforge's own, or gptq / awq / compressed-tensors
+    (lmforge/compress/formats.py)."""
     path = Path(path)
     cfg = model.config
-    if cfg.extra.get("quantization_config"):  # quantized layers write their integer weights + scales
+    hf = config_to_hf(cfg)
+    if cfg.extra.get("quantization_config") and format != "lmforge":
+        from lmforge.compress.formats import export_tensors
+
+        state, hf["quantization_config"] = export_tensors(model, format)
+        dtype = model.tok_emb.weight.dtype
+    elif cfg.extra.get("quantization_config"):  # quantized layers write their integer weights + scales
         from lmforge.compress.qlinear import quantized_state_dict
 
         state, dtype = quantized_state_dict(model)
     else:
         state = to_hf_state_dict(model)
         dtype = next(iter(state.values())).dtype
-    hf = cfg.to_hf() | {"torch_dtype": DTYPE_NAMES.get(dtype, "float32"), "transformers_version": "4.46.0"}
+    hf |= {"torch_dtype": DTYPE_NAMES.get(dtype, "float32"), "transformers_version": "4.46.0"}
     gen = {
         k: v
         for k, v in (
@@ -196,6 +222,18 @@ def save_model(
     return path
 
 
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor], config: ModelConfig, path: str | os.PathLike, tokenizer=None
+) -> Path:
+    """save_model for callers that hold tensors (our names), not a model: a gathered training state.
+    The tensors are assigned to a model built on the meta device (no copy, no initialisation)."""
+    from lmforge.model import build
+
+    model = build(config, meta=True)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return save_model(model, path, tokenizer=tokenizer)
+
+
 def describe(path: str | os.PathLike) -> dict:
     """What `lmforge info` prints: family, parameters, size, dtype, context, config."""
     path = Path(path)
@@ -204,7 +242,7 @@ def describe(path: str | os.PathLike) -> dict:
     dtypes = sorted({str(files.get(n).dtype).replace("torch.", "") for n in list(files.names())[:50]})
     return {
         "path": str(path),
-        "family": f"{cfg.family} (HF model_type {cfg.to_hf()['model_type']})",
+        "family": f"{cfg.family} (HF model_type {config_to_hf(cfg)['model_type']})",
         "architecture": switches(cfg),
         "parameters": f"{human_count(cfg.n_params())} ({cfg.n_params():,})",
         "size_on_disk": human_bytes(dir_size(path)),

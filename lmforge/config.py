@@ -2,9 +2,10 @@
 
 The twelve families differ only in a handful of switches (positions, norms, MLP, biases, q/k norms,
 soft-caps, sliding layers, RoPE scaling, ...), so a family is a row in FAMILIES and a size is a row in
-SIZES; `preset(family, size)` combines them. `to_hf` / `from_hf` map to and from the family's Hugging
-Face `config.json` schema (the mapping lives in lmforge/hf.py), so every lmforge checkpoint loads in
-transformers and every local HF directory of these families loads here.
+SIZES; `preset(family, size)` combines them. lmforge/hf.py maps a ModelConfig to and from the family's
+Hugging Face `config.json` schema (`config_to_hf` / `config_from_hf`; hf imports this module, never the
+other way round), so every lmforge checkpoint loads in transformers and every local HF directory of
+these families loads here.
 
 Validation runs in `__post_init__` and raises a ValueError naming the bad field and the fix.
 """
@@ -335,13 +336,6 @@ class ModelConfig:
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    def to_hf(self) -> dict:
-        return to_hf(self)
-
-    @classmethod
-    def from_hf(cls, d: dict) -> ModelConfig:
-        return from_hf(d)
-
 
 # ---------------------------------------------------------------------------------------------- presets
 # The switches that make a family. Everything not listed takes the dataclass default.
@@ -538,19 +532,3 @@ def preset(family: str = "llama", size: str = "debug", **overrides) -> ModelConf
         if size == "debug":
             fam.update(n_experts=4, n_experts_per_tok=2)
     return ModelConfig(family=family, **{**fam, **cfg, **overrides})
-
-
-# ---------------------------------------------------------------------------------------------- HF mapping
-# The mapping itself lives in lmforge/hf.py (config fields, tensor names and transforms in one place).
-def from_hf(d: dict) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict (see lmforge.hf.config_from_hf)."""
-    from lmforge.hf import config_from_hf
-
-    return config_from_hf(d)
-
-
-def to_hf(c: ModelConfig) -> dict:
-    """The family's Hugging Face config.json dict for `c` (see lmforge.hf.config_to_hf)."""
-    from lmforge.hf import config_to_hf
-
-    return config_to_hf(c)

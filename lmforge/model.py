@@ -32,6 +32,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from lmforge.cache import KVCache, make_mask, positions_from_valid
 from lmforge.config import ModelConfig
@@ -162,10 +163,6 @@ class Attention(nn.Module):
             self.q_norm = Norm(cfg, cfg.head_dim if cfg.qk_norm == "head" else cfg.q_dim)
             self.k_norm = Norm(cfg, cfg.head_dim if cfg.qk_norm == "head" else cfg.kv_dim)
 
-    # (q, k, v, mask, scale) -> (B, T, H, hd) for decode steps without autograd: lmforge's CPU kernel,
-    # set on models prepared for decoding (infer/packed.py); None: PyTorch's attention
-    decode_kernel = None
-
     def project(self, x, rope):
         """q (B, H, T, hd), k, v (B, KV, T, hd) of x (B, T, d): projections, q/k norms, RoPE."""
         B, T, _ = x.shape
@@ -191,32 +188,30 @@ class Attention(nn.Module):
         q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
-        # Decode steps on CPU (a few queries over the cache): lmforge's attention kernel on models set
-        # up for decoding (infer/packed.py), else for bf16 two fp32 matmuls (see few_query_attention).
-        # Soft-capped scores (Gemma 2) are beyond both SDPA and the kernel: explicit matmuls, always.
-        # Static conditions first: a symbolic T (ONNX export) must not be compared unless needed.
-        kernel = (
-            self.decode_kernel
-            if self.decode_kernel is not None and self.softcap is None and not torch.is_grad_enabled()
-            else None
-        )
-        if self.softcap is not None:
-            drop = self.cfg.dropout if self.training else 0.0
-            y = few_query_attention(q, k, v, mask, self.scale, self.softcap, is_causal, drop)
-        elif x.device.type == "cpu" and not is_causal and (kernel or x.dtype != torch.float32) and T <= 16:
-            y = (kernel or few_query_attention)(q, k, v, mask, self.scale)  # (B, T, H, hd)
-        else:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=is_causal,
-                dropout_p=self.cfg.dropout if self.training else 0.0,
-                scale=self.scale,
-                enable_gqa=self.n_kv != self.n_heads,
-            ).transpose(1, 2)  # (B, T, H, hd)
+        y = self.attend(q, k, v, mask, is_causal)  # (B, T, H, hd)
         return self.wo(y.reshape(B, T, self.cfg.q_dim))
+
+    def attend(self, q, k, v, mask, is_causal):
+        """softmax(q k^T * scale) v: q (B, H, T, hd), k, v (B, KV, S, hd), mask (B, 1, T, S) bool or
+        None -> (B, T, H, hd). A few bf16 queries on CPU (decode steps) take two fp32 matmuls, several
+        times faster than SDPA there (see few_query_attention); soft-capped scores (Gemma 2) are beyond
+        SDPA: explicit matmuls, always. Static conditions first: a symbolic T (ONNX export) must not be
+        compared unless needed."""
+        drop = self.cfg.dropout if self.training else 0.0
+        if self.softcap is not None:
+            return few_query_attention(q, k, v, mask, self.scale, self.softcap, is_causal, drop)
+        if q.device.type == "cpu" and not is_causal and q.dtype != torch.float32 and q.shape[2] <= 16:
+            return few_query_attention(q, k, v, mask, self.scale)
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
+            dropout_p=drop,
+            scale=self.scale,
+            enable_gqa=self.n_kv != self.n_heads,
+        ).transpose(1, 2)
 
 
 def few_query_attention(q, k, v, mask, scale, softcap=None, is_causal=False, dropout=0.0):
@@ -356,6 +351,9 @@ class Transformer(nn.Module):
         self.kinds = ["full" if cfg.layer_window(i) is None else "sliding" for i in range(cfg.n_layers)]
         self.kinds = ["all"] * cfg.n_layers if len(set(self.kinds)) == 1 else self.kinds
         self.aux_loss: torch.Tensor | None = None
+        # Training switch (not a config field): each block's activations are recomputed in backward
+        # instead of stored; parameter names and the HF layout are unchanged.
+        self.activation_checkpointing = False
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
@@ -473,8 +471,12 @@ class Transformer(nn.Module):
         if sliding:
             ctx["sliding"] = (rope_local, *sliding)
         x = self.drop(x)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, kind in zip(self.blocks, self.kinds):
-            x = block(x, *ctx[kind], cache)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, *ctx[kind], cache, use_reentrant=False)
+            else:
+                x = block(x, *ctx[kind], cache)
         if self.norm is not None:
             x = self.norm(x)
         if return_hidden:

@@ -63,7 +63,20 @@ def quickstart(
     steps: int | None = None,
 ) -> Path:
     """Run the whole pipeline; returns the path of the report card. `steps` trains the smallest preset
-    (debug) for that many steps instead of sizing a model for `minutes`: the pipeline in seconds."""
+    (debug) for that many steps instead of sizing a model for `minutes`: the pipeline in seconds.
+
+    Args:
+        out: run directory
+        fresh: redo every stage instead of reusing finished ones
+        minutes: pretraining time budget (the whole quickstart takes about half a minute more); the model
+            size, token count and CPU threads are chosen to fit it
+        vocab_size: tokenizer vocabulary size
+        data: corpus: python-docs (embedded, offline), c4 (streamed, needs internet) or any source spec
+        seq_len: training sequence length
+        export: write the ONNX and GGUF exports
+        steps: train the smallest (debug) model for this many steps instead of filling --minutes: the
+            whole pipeline in seconds, to check a setup
+    """
     from lmforge.data.prepare import prepare
     from lmforge.data.tokenize_corpus import train_tokenizer_on
 
@@ -155,7 +168,7 @@ def quickstart(
         from lmforge.evaluate import evaluate_lm
 
         lm = lmforge.load(path, device=device)
-        res = evaluate_lm(lm, str(data_dir), split="val")
+        res = evaluate_lm(lm.model, lm.tokenizer, str(data_dir), split="val")
         samples = [
             lm.generate(p, max_new_tokens=48, temperature=0.8, top_k=50, seed=i)
             for i, p in enumerate(PROMPTS)

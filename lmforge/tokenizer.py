@@ -752,3 +752,18 @@ def compression(tokenizer: Tokenizer, texts: Iterable[str]) -> dict:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(texts, bos=False, eos=False))
     return {"bytes": n_bytes, "tokens": n_tokens, "bytes_per_token": n_bytes / max(n_tokens, 1)}
+
+
+def print_encoding(text: str, *, tokenizer: str) -> list[int]:
+    """Print how `tokenizer` splits `text` (ids, tokens, bytes per token); return the ids.
+
+    Args:
+        text: text to encode
+        tokenizer: directory with tokenizer.json (or the file itself)
+    """
+    tok = Tokenizer.load(tokenizer)
+    ids = tok.encode(text)
+    print(f"{len(ids)} tokens, {len(text.encode('utf-8')) / max(len(ids), 1):.2f} bytes/token")
+    print("ids:   ", ids)
+    print("tokens:", [tok.decode([i]) for i in ids])
+    return ids

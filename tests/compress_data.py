@@ -1,14 +1,12 @@
-"""Shared fixture of the compression tests: a small model trained on the test corpus (train_data.py).
+"""Helpers of the compression tests: the recipe of the small trained model and the untrained one.
 
-It is the teacher of the distillation test and the model the quantization and pruning tests compress,
-so that quality changes are measured on weights that learned something. `debug_model` is the untrained
-model of the unit tests.
+TEACHER trains the `trained` fixture (tests/conftest.py: a llama trained on the test corpus), the
+teacher of the distillation test and the model the quantization and pruning tests compress, so that
+quality changes are measured on weights that learned something. `debug_model` is the untrained model
+of the unit tests.
 """
 
 from __future__ import annotations
-
-import pytest
-from train_data import corpus, make_config, single_threaded  # noqa: F401
 
 TEACHER = {
     "model.d_model": 128,
@@ -24,17 +22,6 @@ TEACHER = {
     "eval.every": 0,
     "eval.batches": 8,
 }
-
-
-@pytest.fixture(scope="session")
-def trained(corpus, tmp_path_factory):  # noqa: F811
-    """final/ of a llama (d_model 128, 2 layers) trained for 150 steps: ~4.4 nats/token on validation."""
-    from lmforge.train import train
-
-    root = tmp_path_factory.mktemp("compress")
-    with single_threaded():
-        train(make_config(corpus, root, "teacher", **TEACHER))
-    return root / "teacher" / "final"
 
 
 def debug_model(family: str, seed: int = 0, **over):

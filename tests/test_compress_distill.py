@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from compress_data import debug_model, trained  # noqa: F401
-from train_data import corpus, make_config, run_lmforge, single_threaded  # noqa: F401
+from compress_data import debug_model
+from train_data import make_config, run_lmforge, single_threaded
 
 from lmforge.compress.distill import distill, distillation_loss
 from lmforge.utils import UserError

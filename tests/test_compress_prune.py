@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from compress_data import debug_model, trained  # noqa: F401
-from train_data import corpus, one_thread, run_lmforge  # noqa: F401
+from compress_data import debug_model
+from train_data import run_lmforge
 
 import lmforge
 from lmforge.checkpoint import load_model, save_model

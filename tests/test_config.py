@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lmforge.config import FAMILIES, SIZES, ModelConfig, from_hf, preset, to_hf
+from lmforge.config import FAMILIES, SIZES, ModelConfig, preset
+from lmforge.hf import config_from_hf, config_to_hf
 from lmforge.model import build
 
 
@@ -65,28 +66,30 @@ def test_kv_cache_bytes_and_flops_by_hand():
 def test_hf_config_round_trip(family):
     for size in ("debug", "125m"):
         cfg = preset(family, size, bos_token_id=1, eos_token_id=2)
-        back = from_hf(to_hf(cfg))
+        back = config_from_hf(config_to_hf(cfg))
         assert back == cfg
 
 
 def test_hf_config_is_accepted_by_transformers():
     transformers = pytest.importorskip("transformers")
     for family in FAMILIES:
-        d = to_hf(preset(family, "debug"))
+        d = config_to_hf(preset(family, "debug"))
         hf = transformers.AutoConfig.for_model(**d)
         assert hf.model_type == d["model_type"]
 
 
 def test_unsupported_hf_options_are_errors():
-    base = to_hf(preset("llama", "debug"))
+    base = config_to_hf(preset("llama", "debug"))
     with pytest.raises(ValueError, match="dynamic"):
-        from_hf({**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None})
+        config_from_hf(
+            {**base, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "rope_parameters": None}
+        )
     with pytest.raises(ValueError, match="model_type"):
-        from_hf({**base, "model_type": "qwen2_moe"})
+        config_from_hf({**base, "model_type": "qwen2_moe"})
     with pytest.raises(ValueError, match="hidden_act"):
-        from_hf({**base, "hidden_act": "mish"})
+        config_from_hf({**base, "hidden_act": "mish"})
     with pytest.raises(ValueError, match="inverse_layer_idx"):
-        from_hf({**to_hf(preset("gpt2", "debug")), "scale_attn_by_inverse_layer_idx": True})
+        config_from_hf({**config_to_hf(preset("gpt2", "debug")), "scale_attn_by_inverse_layer_idx": True})
 
 
 @pytest.mark.parametrize(

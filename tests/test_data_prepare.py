@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from lmforge.data import prepare as prep
+from lmforge.data.document import doc_digest, is_validation
 from lmforge.data.loader import TokenLoader
 from lmforge.data.prepare import prepare, read_meta, token_dtype
-from lmforge.data.sources import doc_digest, is_validation
 from lmforge.tokenizer import train_tokenizer
 from lmforge.utils import UserError
 

@@ -7,8 +7,9 @@ import os
 
 import pytest
 
+from lmforge.data.document import doc_digest, is_validation
 from lmforge.data.pydocs import VAL_FRACTION, build_python_docs, iter_python_docs
-from lmforge.data.sources import doc_digest, is_validation, iter_documents
+from lmforge.data.sources import iter_documents
 
 
 @pytest.fixture(scope="module")

@@ -167,6 +167,8 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "lmforge quantize runs/tiny/final --method int4 --group-size": ("runs/tiny-int4/config.json",),
     "lmforge quantize runs/tiny/final --method int4 --calibration": ("runs/tiny-gptq/config.json",),
     "lmforge quantize runs/tiny/final --method int8 --keep-float": ("runs/tiny-int8-linear/config.json",),
+    "lmforge quantize runs/tiny/final --method int4 --format gptq": ("runs/tiny-int4-gptq/config.json",),
+    "lmforge quantize runs/tiny/final --method int8 --format compressed": ("runs/tiny-int8-ct/config.json",),
     "lmforge prune runs/tiny/final --method magnitude": ("runs/tiny-50/model.safetensors",),
     "lmforge prune runs/tiny/final --method wanda --structure 2:4": ("runs/tiny-24/model.safetensors",),
     "lmforge prune runs/tiny/final --method wanda --structure ffn": ("runs/tiny-ffn/model.safetensors",),

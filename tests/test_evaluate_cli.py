@@ -85,10 +85,10 @@ def test_evaluate_command(files, tmp_path):
     assert "bits per byte" in r.stdout and "robustness of mc" in r.stdout and "exact_match" in r.stdout
     res = json.loads(out.read_text())
     lm = lmforge.load(a, device="cpu")
-    ref = evaluate_lm(lm, str(d / "doc.txt"), split="all", seq_len=32)
+    ref = evaluate_lm(lm.model, lm.tokenizer, str(d / "doc.txt"), split="all", seq_len=32)
     assert res["data"]["bits_per_byte"] == pytest.approx(ref["bits_per_byte"], rel=1e-6)
     assert res["data"]["tokens"] == ref["tokens"]
-    assert res["tasks"]["mc"]["acc"] == evaluate_task(lm, str(d / "mc.jsonl"))["acc"]
+    assert res["tasks"]["mc"]["acc"] == evaluate_task(lm.model, lm.tokenizer, str(d / "mc.jsonl"))["acc"]
     rows = res["robustness"]["mc"]["rows"]
     assert [x["perturbation"] for x in rows] == ["clean", "typos 10%", "upper"]
 
@@ -257,10 +257,10 @@ def test_lm_eval_harness_runs_offline_on_local_tasks(files, tmp_path):
     (result_file,) = out.rglob("results_*.json")
     res = json.loads(result_file.read_text())["results"]
     lm = lmforge.load(a, device="cpu")
-    mc = evaluate_task(lm, str(d / "mc.jsonl"))
+    mc = evaluate_task(lm.model, lm.tokenizer, str(d / "mc.jsonl"))
     assert res["lmforge_mc"]["acc,none"] == mc["acc"] and res["lmforge_mc"]["acc_norm,none"] == mc["acc_norm"]
-    gen = evaluate_task(lm, str(d / "gen.jsonl"), max_new_tokens=4)
+    gen = evaluate_task(lm.model, lm.tokenizer, str(d / "gen.jsonl"), max_new_tokens=4)
     assert res["lmforge_gen"]["exact_match,none"] == gen["exact_match"]
     # lm-eval's bits per byte (rolling log-likelihood over the text) equals lmforge's on the same documents
-    ppl = evaluate_lm(lm, str(d / "ppl.jsonl"), split="all")
+    ppl = evaluate_lm(lm.model, lm.tokenizer, str(d / "ppl.jsonl"), split="all")
     assert res["lmforge_ppl"]["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-6)

@@ -29,13 +29,7 @@ TEXT = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: extra threads only spin against other processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_checkpoint(path, family: str = "llama", seed: int = 0, uniform: bool = False, **overrides):
@@ -109,7 +103,7 @@ def test_uniform_model_has_perplexity_vocab_size(tmp_path, text_file):
     path = make_checkpoint(tmp_path / "uniform", uniform=True)
     lm = lmforge.load(path, device="cpu")
     V = lm.config.vocab_size
-    r = evaluate_lm(lm, str(text_file), split="all", seq_len=16, stride=8)
+    r = evaluate_lm(lm.model, lm.tokenizer, str(text_file), split="all", seq_len=16, stride=8)
     tok = lm.tokenizer
     text_ids = tok.encode(TEXT, bos=False)
     assert r["tokens"] == len(text_ids) + 1  # every text token and EOS (BOS is never a target)
@@ -136,7 +130,7 @@ def test_bits_per_byte_by_hand_single_window(lm, text_file):
     bpb = float((nll * (nb > 0)).sum() / (math.log(2) * nb.sum()))
     loss = float(nll.mean())
     acc = float((logits.argmax(-1) == torch.tensor(ids[1:])).double().mean())
-    r = evaluate_lm(lm, str(text_file), split="all")
+    r = evaluate_lm(lm.model, lm.tokenizer, str(text_file), split="all")
     assert r["bits_per_byte"] == pytest.approx(bpb, rel=1e-5)
     assert r["loss"] == pytest.approx(loss, rel=1e-5)
     assert r["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
@@ -158,7 +152,7 @@ def test_sliding_windows_match_naive_contexts(lm, text_file):
             ref.append(-float(log_softmax(lm.model(torch.tensor([ctx]))[0, -1].double())[ids[t]]))
     got = sequence_nll(lm.model, ids, seq_len=W, stride=1)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-    r = evaluate_lm(lm, str(text_file), split="all", seq_len=W, stride=1)
+    r = evaluate_lm(lm.model, lm.tokenizer, str(text_file), split="all", seq_len=W, stride=1)
     assert r["loss"] == pytest.approx(float(np.mean(ref)), rel=1e-5)
 
 
@@ -167,9 +161,9 @@ def test_max_tokens_and_documents(lm, tmp_path):
 
     f = tmp_path / "docs.jsonl"
     f.write_text("".join(json.dumps({"text": f"{TEXT} number {i}"}) + "\n" for i in range(6)))
-    r = evaluate_lm(lm, str(f), split="all", max_tokens=100)
+    r = evaluate_lm(lm.model, lm.tokenizer, str(f), split="all", max_tokens=100)
     assert r["tokens"] == 100
-    full = evaluate_lm(lm, str(f), split="all", batch_size=2)
+    full = evaluate_lm(lm.model, lm.tokenizer, str(f), split="all", batch_size=2)
     assert full["documents"] == 6
     assert full["bytes"] == sum(len(f"{TEXT} number {i}".encode()) for i in range(6))
 
@@ -183,8 +177,8 @@ def test_prepared_directory_equals_source(lm, tmp_path):
     src.write_text("".join(json.dumps({"text": f"{TEXT} variant {i}"}) + "\n" for i in range(24)))
     out = tmp_path / "prepared"
     prepare(str(src), lm.tokenizer, out, workers=1, val_fraction=0.4, progress=False, verbose=False)
-    a = evaluate_lm(lm, str(out))
-    b = evaluate_lm(lm, str(src), val_fraction=0.4)
+    a = evaluate_lm(lm.model, lm.tokenizer, str(out))
+    b = evaluate_lm(lm.model, lm.tokenizer, str(src), val_fraction=0.4)
     assert a["documents"] == b["documents"] > 0
     for k in ("tokens", "text_tokens", "bytes"):
         assert a[k] == b[k]
@@ -196,7 +190,7 @@ def test_empty_split_is_a_clear_error(lm, text_file):
     from lmforge.utils import UserError
 
     with pytest.raises(UserError, match="--split all"):
-        evaluate_lm(lm, str(text_file), val_fraction=0.0)
+        evaluate_lm(lm.model, lm.tokenizer, str(text_file), val_fraction=0.0)
 
 
 # --------------------------------------------------------------------------------------------- tasks
@@ -227,7 +221,7 @@ def test_multiple_choice_equals_direct_computation(lm, tmp_path):
 
     f = tmp_path / "mc.jsonl"
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in MC))
-    r = evaluate_task(lm, str(f), keep_predictions=True, batch_size=3)
+    r = evaluate_task(lm.model, lm.tokenizer, str(f), keep_predictions=True, batch_size=3)
     labels = [0, 1, 0, 2]
     acc = acc_norm = 0
     for rec, pred, label in zip(MC, r["predictions"], labels):
@@ -246,7 +240,7 @@ def test_generation_exact_match(lm, tmp_path):
     from lmforge.evaluate.tasks import generate_greedy
 
     prompts = ["The quick brown fox", "def add(a, b):"]
-    outs = generate_greedy(lm, prompts, max_new_tokens=6)
+    outs = generate_greedy(lm.model, lm.tokenizer, prompts, max_new_tokens=6)
     assert all("\n" not in o for o in outs)
     f = tmp_path / "gen.jsonl"
     rows = [
@@ -254,7 +248,7 @@ def test_generation_exact_match(lm, tmp_path):
         {"prompt": prompts[1], "answer": [outs[1] + "x", "nope"]},
     ]
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = evaluate_task(lm, str(f), max_new_tokens=6)
+    r = evaluate_task(lm.model, lm.tokenizer, str(f), max_new_tokens=6)
     assert r["kind"] == "generation" and r["exact_match"] == 0.5
 
 
@@ -310,11 +304,15 @@ def test_robustness_clean_row_equals_task(lm, tmp_path):
 
     f = tmp_path / "mc.jsonl"
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in MC))
-    r = robustness_report(lm, str(f), perturbations=parse_perturbations("typos:0.2,upper"), seed=0)
-    clean = evaluate_task(lm, str(f))
+    r = robustness_report(
+        lm.model, lm.tokenizer, str(f), perturbations=parse_perturbations("typos:0.2,upper"), seed=0
+    )
+    clean = evaluate_task(lm.model, lm.tokenizer, str(f))
     assert [row["perturbation"] for row in r["rows"]] == ["clean", "typos 20%", "upper"]
     assert r["rows"][0]["acc"] == clean["acc"] and r["rows"][0]["acc_norm"] == clean["acc_norm"]
-    again = robustness_report(lm, str(f), perturbations=parse_perturbations("typos:0.2,upper"), seed=0)
+    again = robustness_report(
+        lm.model, lm.tokenizer, str(f), perturbations=parse_perturbations("typos:0.2,upper"), seed=0
+    )
     assert again["rows"] == r["rows"]
     for row in r["rows"]:
         assert row["delta_acc"] == pytest.approx(row["acc"] - clean["acc"])
@@ -340,7 +338,7 @@ def test_lm_eval_adapter_equals_lmforge(lm):
     ]
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     got = adapter.loglikelihood(reqs, disable_tqdm=True)
-    want = loglikelihoods(lm, pairs)
+    want = loglikelihoods(lm.model, lm.tokenizer, pairs)
     np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], rtol=1e-6)
     assert [g[1] for g in got] == [w[1] for w in want]
     # and both equal the direct computation from logits
@@ -356,7 +354,7 @@ def test_lm_eval_adapter_equals_lmforge(lm):
         [Instance("generate_until", {}, ("The quick brown fox", {"until": ["\n"], "max_gen_toks": 5}), 0)],
         disable_tqdm=True,
     )
-    assert gen == generate_greedy(lm, ["The quick brown fox"], max_new_tokens=5)
+    assert gen == generate_greedy(lm.model, lm.tokenizer, ["The quick brown fox"], max_new_tokens=5)
 
 
 # --------------------------------------------------------------------------------------------- attention

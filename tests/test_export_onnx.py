@@ -187,17 +187,20 @@ def test_family_exports_match(tmp_path, family, overrides):
 
 
 def test_a_model_used_for_generation_exports(llama, tmp_path):
-    """Generating prepares the model for CPU decoding (lmforge's kernels); exporting it afterwards
-    traces PyTorch's attention instead, matches (export checks the logits) and leaves the kernels set."""
+    """A model with lmforge's CPU decode kernels installed (as lmforge.load gives it) and used for
+    generation exports: the export traces plain modules (PyTorch's attention), matches (export checks
+    the logits) and leaves the kernels installed."""
     import lmforge
-    from lmforge.infer import rows
+    from lmforge import kernels
+    from lmforge.kernels import rows
+    from lmforge.kernels.decode import DecodeAttention
     from lmforge.model import Attention
 
     lm = lmforge.load(llama[2], device="cpu")
+    kernels.install(lm.model)
     lm.generate("hello", max_new_tokens=3, temperature=0)
-    attn = [m for m in lm.model.modules() if isinstance(m, Attention)]
-    kernel = attn[0].decode_kernel
-    assert (kernel is not None) == rows.available()
+    kind = DecodeAttention if rows.available() else Attention
+    assert all(type(m) is kind for m in lm.model.modules() if isinstance(m, Attention))
     from lmforge.export.onnx import export_onnx
 
     out = export_onnx(lm, tmp_path / "onnx", with_cache=True)
@@ -205,7 +208,7 @@ def test_a_model_used_for_generation_exports(llama, tmp_path):
     with torch.no_grad():
         ref = lm.model(ids, attention_mask=mask)
     assert_logits_close(run_with_past(out, ids, mask, split=4, step=2), ref, mask)
-    assert all(m.decode_kernel is kernel for m in attn)
+    assert all(type(m) is kind for m in lm.model.modules() if isinstance(m, Attention))
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -145,12 +145,12 @@ def test_hub_gpt2_tensor_names_load(tmp_path_factory, tmp_path):
 
 
 def test_config_eos_lists_and_legacy_gemma_gelu(tmp_path_factory, tmp_path):
-    from lmforge.config import from_hf
+    from lmforge.hf import config_from_hf, config_to_hf
 
-    cfg = from_hf(shrunk("llama-3.2-1b"))
+    cfg = config_from_hf(shrunk("llama-3.2-1b"))
     assert cfg.eos_token_id == shrunk("llama-3.2-1b")["eos_token_id"][0]
-    assert cfg.to_hf()["eos_token_id"] == shrunk("llama-3.2-1b")["eos_token_id"]
-    assert from_hf(shrunk("gemma-2b")).act == "gelu_tanh"  # hidden_act "gelu" means tanh for Gemma
+    assert config_to_hf(cfg)["eos_token_id"] == shrunk("llama-3.2-1b")["eos_token_id"]
+    assert config_from_hf(shrunk("gemma-2b")).act == "gelu_tanh"  # hidden_act "gelu" means tanh for Gemma
     _, _, ours = pair("gemma-3-1b", tmp_path_factory)
     save_model(ours, tmp_path / "g3")
     assert json.loads((tmp_path / "g3" / "config.json").read_text())["eos_token_id"] == [1, 106]
@@ -159,18 +159,21 @@ def test_config_eos_lists_and_legacy_gemma_gelu(tmp_path_factory, tmp_path):
 
 def test_family_switches(tmp_path_factory):
     """The configs land on the switches the families are known for (what the parity tests exercise)."""
-    from lmforge.config import from_hf
+    from lmforge.hf import config_from_hf
 
-    g2 = from_hf(shrunk("gemma-2-2b"))
+    g2 = config_from_hf(shrunk("gemma-2-2b"))
     assert (g2.attn_softcap, g2.final_softcap, g2.sublayer_norm) == (50.0, 30.0, True)
     assert g2.layer_types == ["sliding_attention", "full_attention"] and g2.sliding_window == WINDOW
-    g3 = from_hf(shrunk("gemma-3-1b"))
+    g3 = config_from_hf(shrunk("gemma-3-1b"))
     assert g3.layer_types == ["sliding_attention"] * 5 + ["full_attention"] and g3.rope_local_theta == 1e4
-    assert from_hf(shrunk("qwen2.5-0.5b")).qkv_bias and from_hf(shrunk("qwen3-0.6b")).qk_norm == "head"
-    phi = from_hf(shrunk("phi-4-mini"))
+    assert (
+        config_from_hf(shrunk("qwen2.5-0.5b")).qkv_bias
+        and config_from_hf(shrunk("qwen3-0.6b")).qk_norm == "head"
+    )
+    phi = config_from_hf(shrunk("phi-4-mini"))
     assert phi.partial_rotary_factor == 0.75 and phi.rope_scaling["rope_type"] == "longrope"
     assert phi.rope_scaling["original_max_position_embeddings"] < 3 * WINDOW - 1  # the tests pass it
-    olmo = from_hf(shrunk("olmo-2-1b"))
+    olmo = config_from_hf(shrunk("olmo-2-1b"))
     assert (olmo.pre_norm, olmo.sublayer_norm, olmo.qk_norm) == (False, True, "full")
 
 
@@ -184,7 +187,7 @@ def test_engine_batched_decode_matches_generate(name, tmp_path_factory):
     lm = lmforge.load(path, device="cpu")
     # prompts past Phi's pretraining length (8 here), so no row switches RoPE factors mid-way
     prompts = [ids_for(n, seed=10 + n)[0].tolist() for n in (12, 9, 15)]
-    got = generate(lm, prompts, max_new_tokens=20, temperature=0, ignore_eos=True)
+    got = generate(lm.model, lm.tokenizer, prompts, max_new_tokens=20, temperature=0, ignore_eos=True)
     kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
     for p, g in zip(prompts, got):
         with torch.no_grad():

@@ -18,13 +18,7 @@ from lmforge.tokenizer import train_tokenizer
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are faster on one thread, and immune to OpenMP stalls when other jobs share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +83,9 @@ def test_generate_batch_and_samples_in_process(ckpt, capsys):
         "cpu",
     ]
     assert main(args) == 0
-    samples = generate(lm, ["Hello", "The"], num_samples=2, seed=0, max_new_tokens=8, top_k=20)
+    samples = generate(
+        lm.model, lm.tokenizer, ["Hello", "The"], num_samples=2, seed=0, max_new_tokens=8, top_k=20
+    )
     expected = "".join(
         f"--- prompt {i + 1}, sample {j + 1} ---\n{samples[i][j]}\n" for i in range(2) for j in range(2)
     )
@@ -131,7 +127,9 @@ def test_chat_streams_replies_resets_and_quits(ckpt):
     want = []
     for msg in ("Hello", "How are you?"):  # /reset: the second conversation starts afresh
         ids = tok.encode_chat([{"role": "user", "content": msg}], add_generation_prompt=True)
-        want.append(generate(lm, ids, temperature=0, max_new_tokens=12, details=True).text)
+        want.append(
+            generate(lm.model, lm.tokenizer, ids, temperature=0, max_new_tokens=12, details=True).text
+        )
     assert r.stdout == "".join(w + "\n" for w in want)
     assert "conversation reset" in r.stderr
 

@@ -7,6 +7,7 @@ from lmforge.checkpoint import save_model
 from lmforge.config import preset
 from lmforge.infer import Engine, SamplingParams, Sequence, generate, stream
 from lmforge.infer.engine import _StaticStep
+from lmforge.kernels import install as install_kernels
 from lmforge.lm import LM, load
 from lmforge.model import build
 from lmforge.tokenizer import train_tokenizer
@@ -16,24 +17,21 @@ VOCAB = 300
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [42], [3] * 20 + [17, 18], [250, 251]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are faster on one thread, and immune to OpenMP stalls when other jobs share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _lm(family="llama", tokenizer=None, **kw):
+def _lm(family="llama", tokenizer=None, kernels=True, **kw):
+    """A tiny random model with the decode kernels installed, as lmforge.load gives it (kernels=False:
+    the plain modules)."""
     torch.manual_seed(0)
     vocab = tokenizer.vocab_size if tokenizer is not None else VOCAB
     eos = tokenizer.eos_id if tokenizer is not None else None
-    return LM(build(preset(family, "debug", vocab_size=vocab, eos_token_id=eos, **kw)).eval(), tokenizer)
+    model = build(preset(family, "debug", vocab_size=vocab, eos_token_id=eos, **kw)).eval()
+    return LM(install_kernels(model) if kernels else model, tokenizer)
 
 
 def _greedy(lm, prompts, n, **kw):
-    return generate(lm, prompts, max_new_tokens=n, temperature=0, **kw)
+    return generate(lm.model, lm.tokenizer, prompts, max_new_tokens=n, temperature=0, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -104,15 +102,15 @@ def _run_continuous(engine, reqs, admit_every=5):
 def test_bf16_decode_path_matches_an_uncached_forward(monkeypatch, kernel):
     """bf16 on CPU decodes through lmforge's kernel (or, without it, oneDNN-packed weights) and
     few_query_attention: same logits as the plain full forward to bf16 rounding, same greedy tokens."""
-    from lmforge.infer import rows
+    from lmforge.kernels import rows
 
     if kernel and not rows.available():
         pytest.skip("the kernel did not build")
     if not kernel:
         monkeypatch.setattr(rows, "available", lambda: False)
         monkeypatch.setattr(rows, "LOADED", False)
-    lm = _lm()
-    lm.model.to(torch.bfloat16)
+    lm = _lm(kernels=False)
+    install_kernels(lm.model.to(torch.bfloat16))
     seen = _record_logits(monkeypatch)
     p = PROMPTS[0]
     out = _greedy(lm, p, 30, ignore_eos=True)
@@ -121,6 +119,36 @@ def test_bf16_decode_path_matches_an_uncached_forward(monkeypatch, kernel):
     got = torch.cat(seen).float()
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
     assert got.argmax(-1).tolist() == out
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_leaves_the_model_unchanged(kernels, dtype):
+    """Creating an engine and generating with it changes nothing in the caller's model: the same
+    modules of the same classes, the same parameter objects at the same addresses with the same values
+    (plain, or with the kernels the caller installed)."""
+    lm = _lm(kernels=False)
+    model = lm.model.to(dtype)
+    if kernels:
+        install_kernels(model)
+
+    def snapshot():
+        return (
+            [(n, type(m), id(m)) for n, m in model.named_modules()],
+            {n: (id(p), p.data_ptr(), p.stride(), p.detach().clone()) for n, p in model.named_parameters()},
+        )
+
+    mods, params = snapshot()
+    engine = Engine(model, max_batch=2, max_len=48)
+    engine.add([Sequence(p, SamplingParams(max_new_tokens=8, temperature=0)) for p in PROMPTS[:2]])
+    while engine.active:
+        engine.step()
+    _greedy(lm, PROMPTS[0], 4)  # generate() makes its own engine
+    mods2, params2 = snapshot()
+    assert mods2 == mods
+    assert params2.keys() == params.keys()
+    for n, (i, ptr, stride, value) in params.items():
+        assert params2[n][:3] == (i, ptr, stride) and torch.equal(params2[n][3], value), n
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
@@ -173,7 +201,9 @@ def test_rows_stop_on_their_own_stop_tokens_and_the_batch_ends_when_all_do():
     free = _greedy(lm, PROMPTS, 30, ignore_eos=True)
     stops = [row[5] for row in free[:3]] + [-1]  # rows 0-2 stop at their 6th token (or earlier repeat)
     per_row = [
-        generate(lm, p, max_new_tokens=30, temperature=0, stop_token_ids=[s], details=True)
+        generate(
+            lm.model, lm.tokenizer, p, max_new_tokens=30, temperature=0, stop_token_ids=[s], details=True
+        )
         for p, s in zip(PROMPTS, stops)
     ]
     for r, f, s in zip(per_row, free, stops):
@@ -199,7 +229,7 @@ def test_eos_from_the_config_stops_generation():
     free = _greedy(lm, PROMPTS[0], 20, ignore_eos=True)
     lm.model.config.eos_token_id = free[3]
     try:
-        out = generate(lm, PROMPTS[0], max_new_tokens=20, temperature=0, details=True)
+        out = generate(lm.model, lm.tokenizer, PROMPTS[0], max_new_tokens=20, temperature=0, details=True)
     finally:
         lm.model.config.eos_token_id = None
     assert out.token_ids == free[: free.index(free[3]) + 1] and out.finish_reason == "stop"
@@ -208,9 +238,11 @@ def test_eos_from_the_config_stops_generation():
 def test_text_streaming_equals_generate_and_is_valid_utf8(tok):
     lm = _lm(tokenizer=tok)
     for prompt in ["Hello", "日本", "def add"]:
-        full = generate(lm, prompt, max_new_tokens=40, temperature=0, ignore_eos=True, details=True)
+        full = generate(
+            lm.model, lm.tokenizer, prompt, max_new_tokens=40, temperature=0, ignore_eos=True, details=True
+        )
         assert full.text == tok.decode(full.token_ids, skip_special=True)
-        s = stream(lm, prompt, max_new_tokens=40, temperature=0, ignore_eos=True)
+        s = stream(lm.model, lm.tokenizer, prompt, max_new_tokens=40, temperature=0, ignore_eos=True)
         pieces = list(s)
         assert "".join(pieces) == full.text and s.token_ids == full.token_ids
         for piece in pieces[:-1]:  # an unfinished character is held back, never sent as U+FFFD
@@ -220,18 +252,40 @@ def test_text_streaming_equals_generate_and_is_valid_utf8(tok):
 def test_stop_strings_cut_the_text_and_streaming_agrees(tok):
     lm = _lm(tokenizer=tok)
     prompt = "The quick"
-    free = generate(lm, prompt, max_new_tokens=60, temperature=0, ignore_eos=True)
+    free = generate(lm.model, lm.tokenizer, prompt, max_new_tokens=60, temperature=0, ignore_eos=True)
     stop = free[25:28]
     cut = free[: free.find(stop)]
     out = generate(
-        lm, prompt, max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop, "never-seen"], details=True
+        lm.model,
+        lm.tokenizer,
+        prompt,
+        max_new_tokens=60,
+        temperature=0,
+        ignore_eos=True,
+        stop=[stop, "never-seen"],
+        details=True,
     )
     assert out.text == cut and out.finish_reason == "stop"
-    assert "".join(stream(lm, prompt, max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop])) == cut
+    assert (
+        "".join(
+            stream(
+                lm.model, lm.tokenizer, prompt, max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop]
+            )
+        )
+        == cut
+    )
     # Batched rows with the stop: every row is cut on its own.
-    outs = generate(lm, [prompt, "Hello"], max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop])
+    outs = generate(
+        lm.model,
+        lm.tokenizer,
+        [prompt, "Hello"],
+        max_new_tokens=60,
+        temperature=0,
+        ignore_eos=True,
+        stop=[stop],
+    )
     assert outs[0] == cut and outs[1] == generate(
-        lm, "Hello", max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop]
+        lm.model, lm.tokenizer, "Hello", max_new_tokens=60, temperature=0, ignore_eos=True, stop=[stop]
     )
 
 
@@ -252,28 +306,38 @@ def test_context_limit_is_an_error_naming_both_numbers_unless_truncating_left():
     lm = _lm(max_seq_len=64)
     prompt = list(range(3, 53))  # 50 tokens
     with pytest.raises(UserError, match=r"50 tokens \+ max_new_tokens=20 = 70 .* context of 64"):
-        generate(lm, prompt, max_new_tokens=20, temperature=0)
-    got = generate(lm, prompt, max_new_tokens=20, temperature=0, truncate="left", ignore_eos=True)
-    assert got == generate(lm, prompt[-44:], max_new_tokens=20, temperature=0, ignore_eos=True)
+        generate(lm.model, lm.tokenizer, prompt, max_new_tokens=20, temperature=0)
+    got = generate(
+        lm.model, lm.tokenizer, prompt, max_new_tokens=20, temperature=0, truncate="left", ignore_eos=True
+    )
+    assert got == generate(
+        lm.model, lm.tokenizer, prompt[-44:], max_new_tokens=20, temperature=0, ignore_eos=True
+    )
     lm.model.config.bos_token_id = 3  # a leading BOS survives truncation
     try:
-        got = generate(lm, prompt, max_new_tokens=20, temperature=0, truncate="left", ignore_eos=True)
+        got = generate(
+            lm.model, lm.tokenizer, prompt, max_new_tokens=20, temperature=0, truncate="left", ignore_eos=True
+        )
     finally:
         lm.model.config.bos_token_id = None
-    assert got == generate(lm, [3] + prompt[-43:], max_new_tokens=20, temperature=0, ignore_eos=True)
+    assert got == generate(
+        lm.model, lm.tokenizer, [3] + prompt[-43:], max_new_tokens=20, temperature=0, ignore_eos=True
+    )
     with pytest.raises(UserError, match="max_new_tokens=64 leaves no room"):
-        generate(lm, prompt, max_new_tokens=64, truncate="left")
+        generate(lm.model, lm.tokenizer, prompt, max_new_tokens=64, truncate="left")
 
 
 def test_num_samples_and_seed(tok):
     lm = _lm(tokenizer=tok)
-    a = generate(lm, ["Hello", "The"], num_samples=3, seed=0, max_new_tokens=15, top_k=50)
-    b = generate(lm, ["Hello", "The"], num_samples=3, seed=0, max_new_tokens=15, top_k=50)
+    a = generate(lm.model, lm.tokenizer, ["Hello", "The"], num_samples=3, seed=0, max_new_tokens=15, top_k=50)
+    b = generate(lm.model, lm.tokenizer, ["Hello", "The"], num_samples=3, seed=0, max_new_tokens=15, top_k=50)
     assert a == b and len(a) == 2 and all(len(x) == 3 for x in a)
     assert len(set(a[0])) > 1  # independent samples
-    assert a != generate(lm, ["Hello", "The"], num_samples=3, seed=1, max_new_tokens=15, top_k=50)
-    s = "".join(stream(lm, "Hello", seed=5, max_new_tokens=15, min_p=0.1))
-    assert s == generate(lm, "Hello", seed=5, max_new_tokens=15, min_p=0.1)
+    assert a != generate(
+        lm.model, lm.tokenizer, ["Hello", "The"], num_samples=3, seed=1, max_new_tokens=15, top_k=50
+    )
+    s = "".join(stream(lm.model, lm.tokenizer, "Hello", seed=5, max_new_tokens=15, min_p=0.1))
+    assert s == generate(lm.model, lm.tokenizer, "Hello", seed=5, max_new_tokens=15, min_p=0.1)
 
 
 def test_lm_api_and_checkpoint_round_trip(tmp_path, tok):
@@ -281,7 +345,9 @@ def test_lm_api_and_checkpoint_round_trip(tmp_path, tok):
     save_model(lm.model, tmp_path / "m", tokenizer=tok)
     lm2 = load(tmp_path / "m", device="cpu")
     text = lm2.generate("Hello", max_new_tokens=10, temperature=0, ignore_eos=True)
-    assert text == generate(lm, "Hello", max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert text == generate(
+        lm.model, lm.tokenizer, "Hello", max_new_tokens=10, temperature=0, ignore_eos=True
+    )
     assert "".join(lm2.stream("Hello", max_new_tokens=10, temperature=0, ignore_eos=True)) == text
     with pytest.raises(UserError, match="unknown generation option"):
         lm2.generate("Hello", max_tokens=3)
@@ -341,7 +407,7 @@ def test_compiled_cpu_decode_step_equals_eager_for_each_engine():
 
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = build(preset(size="debug")).eval()
+        model = install_kernels(build(preset(size="debug")).eval())  # as lmforge.load gives it
         compiled = Engine(model, max_batch=1, max_len=64, compile=True)
         before = greedy(compiled)
         assert before == greedy(Engine(model, max_batch=1, max_len=64))

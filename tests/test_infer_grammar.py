@@ -15,7 +15,7 @@ from lmforge.tokenizer import train_tokenizer
 from lmforge.utils import UserError
 
 pytest.importorskip("llguidance")
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
 
 SCHEMAS = {
     "nested": {
@@ -88,14 +88,6 @@ def _pydantic_schema():
     return Answer, schema
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def lm():
     docs = [
@@ -145,7 +137,13 @@ def test_schema_outputs_validate_batched_with_free_rows(lm, name):
     assert (
         free[0].token_ids
         == generate(
-            lm, "The quick", max_new_tokens=30, temperature=0, ignore_eos=True, details=True
+            lm.model,
+            lm.tokenizer,
+            "The quick",
+            max_new_tokens=30,
+            temperature=0,
+            ignore_eos=True,
+            details=True,
         ).token_ids
     )
 
@@ -173,7 +171,8 @@ def test_pydantic_schema_twenty_seeds(lm):
 
 def test_json_object_regex_choice(lm):
     outs = generate(
-        lm,
+        lm.model,
+        lm.tokenizer,
         ["a", "b", "c"],
         max_new_tokens=60,
         temperature=1.0,
@@ -183,11 +182,27 @@ def test_json_object_regex_choice(lm):
     assert all(re.fullmatch(r"[0-9]{3}-[a-d]{2}", o) for o in outs), outs
     opts = ["red", "green", "blue fox"]
     outs = [
-        generate(lm, "x", max_new_tokens=20, temperature=1.0, seed=s, grammar=Grammar.choice(opts))
+        generate(
+            lm.model,
+            lm.tokenizer,
+            "x",
+            max_new_tokens=20,
+            temperature=1.0,
+            seed=s,
+            grammar=Grammar.choice(opts),
+        )
         for s in range(4)
     ]
     assert all(o in opts for o in outs), outs
-    c = generate(lm, "{", max_new_tokens=200, temperature=0, grammar=Grammar.json_object(), details=True)
+    c = generate(
+        lm.model,
+        lm.tokenizer,
+        "{",
+        max_new_tokens=200,
+        temperature=0,
+        grammar=Grammar.json_object(),
+        details=True,
+    )
     if c.finish_reason == "stop":  # any object: a random model may run past the budget inside a string
         assert isinstance(json.loads(c.text), dict)
     else:

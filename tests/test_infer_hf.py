@@ -12,13 +12,7 @@ pytest.importorskip("transformers")
 N = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are faster on one thread, and immune to OpenMP stalls when other jobs share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pair(tmp_path, model_type):

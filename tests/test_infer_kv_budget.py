@@ -35,7 +35,7 @@ def test_long_context_engine_starts_bounded(long_model):
     assert eng.kv_bytes <= 4 << 20 < full and eng.cache.nbytes <= eng.kv_bytes
     eng = Engine(long_model, None, max_batch=8)  # the default budget: a share of the machine, capped
     assert eng.cache.nbytes <= eng.kv_bytes <= DEFAULT_CAP
-    out = generate(long_model, [1, 2, 3], max_new_tokens=4, temperature=0, kv_cache_memory="1MiB")
+    out = generate(long_model, None, [1, 2, 3], max_new_tokens=4, temperature=0, kv_cache_memory="1MiB")
     assert len(out) == 4
 
 

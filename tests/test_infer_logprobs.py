@@ -7,16 +7,8 @@ from lmforge.config import preset
 from lmforge.infer import Engine, SamplingParams, Sequence, generate
 from lmforge.model import build
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]  # one_thread: conftest.py
 V = 300
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +91,14 @@ def test_prompt_logprobs_equal_naive_forward(model, busy):
 
 def test_generate_details_carry_logprobs(model):
     c = generate(
-        model, [4, 5, 6, 7], max_new_tokens=4, temperature=0, logprobs=1, prompt_logprobs=0, details=True
+        model,
+        None,
+        [4, 5, 6, 7],
+        max_new_tokens=4,
+        temperature=0,
+        logprobs=1,
+        prompt_logprobs=0,
+        details=True,
     )
     assert len(c.logprobs) == 4 and len(c.prompt_logprobs) == 4 and c.prompt_logprobs[0] is None
     lp = _naive(model, [4, 5, 6, 7] + c.token_ids[:-1])
@@ -112,6 +111,8 @@ def test_draft_model_refuses_what_only_the_engine_does(model):
 
     for kw in ({"logprobs": 1}, {"prompt_logprobs": 0}, {"frequency_penalty": 0.5}):
         with pytest.raises(UserError, match="draft"):
-            generate(model, [1, 2, 3], max_new_tokens=3, temperature=0, draft=model, **kw)
-    biased = generate(model, [1, 2, 3], max_new_tokens=3, temperature=0, draft=model, logit_bias={9: 100})
+            generate(model, None, [1, 2, 3], max_new_tokens=3, temperature=0, draft=model, **kw)
+    biased = generate(
+        model, None, [1, 2, 3], max_new_tokens=3, temperature=0, draft=model, logit_bias={9: 100}
+    )
     assert biased == [9, 9, 9]  # the bias applies to both models: greedy takes the forced token

@@ -23,13 +23,7 @@ T = pytest.importorskip("transformers")
 B, V = 6, 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are faster on one thread, and immune to OpenMP stalls when other jobs share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _logits(seed=0):
@@ -276,7 +270,7 @@ def test_penalised_greedy_generation_equals_hand_loop():
     model = build(preset("llama", "debug", vocab_size=V)).eval()
     prompt = [5, 6, 7, 8]
     kw = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
-    out = generate(model, [prompt, prompt], **kw, frequency_penalty=2.0, presence_penalty=2.0)
+    out = generate(model, None, [prompt, prompt], **kw, frequency_penalty=2.0, presence_penalty=2.0)
     ids, counts = list(prompt), torch.zeros(V)
     with torch.no_grad():
         for _ in range(24):
@@ -285,9 +279,9 @@ def test_penalised_greedy_generation_equals_hand_loop():
             ids.append(t)
             counts[t] += 1
     assert out[0] == ids[len(prompt) :] == out[1]
-    plain = generate(model, prompt, **kw)
+    plain = generate(model, None, prompt, **kw)
     assert plain != out[0]  # the penalty changed something (a random model repeats itself greedily)
-    mixed = generate(model, [prompt], **kw, logit_bias={plain[0]: -100})
+    mixed = generate(model, None, [prompt], **kw, logit_bias={plain[0]: -100})
     assert mixed[0][0] != plain[0]
 
 

@@ -15,13 +15,7 @@ V = 300
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [42, 43]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are faster on one thread, and immune to OpenMP stalls when other jobs share the CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _model(family, seed=0, **kw):
@@ -39,11 +33,14 @@ def test_greedy_speculative_equals_plain_greedy(family):
     shallow.load_state_dict(
         {k: v for k, v in target.model.state_dict().items() if not k.startswith("blocks.1.")}
     )
-    plain = generate(target, PROMPTS, max_new_tokens=90, temperature=0, ignore_eos=True)
+    plain = generate(
+        target.model, target.tokenizer, PROMPTS, max_new_tokens=90, temperature=0, ignore_eos=True
+    )
     for draft in (unrelated, shallow):
         for k in (1, 4):
             out = generate(
-                target,
+                target.model,
+                target.tokenizer,
                 PROMPTS,
                 max_new_tokens=90,
                 temperature=0,
@@ -64,7 +61,16 @@ def test_self_draft_accepts_everything_greedy_and_sampled():
         dict(temperature=0),
         dict(temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.3, seed=3),
     ):
-        out = generate(lm, PROMPTS[0], max_new_tokens=40, ignore_eos=True, draft=m, details=True, **kw)
+        out = generate(
+            lm.model,
+            lm.tokenizer,
+            PROMPTS[0],
+            max_new_tokens=40,
+            ignore_eos=True,
+            draft=m,
+            details=True,
+            **kw,
+        )
         assert out.stats["acceptance_rate"] == 1.0 and len(out.token_ids) == 40
 
 
@@ -103,4 +109,4 @@ def test_kv_cache_rollback_forgets_the_rejected_tokens():
 
 def test_draft_with_another_vocabulary_is_refused():
     with pytest.raises(UserError, match="vocabulary"):
-        generate(LM(_model("llama")), PROMPTS[0], draft=build(preset("llama", "debug", vocab_size=V + 1)))
+        generate(_model("llama"), None, PROMPTS[0], draft=build(preset("llama", "debug", vocab_size=V + 1)))

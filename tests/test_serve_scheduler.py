@@ -9,7 +9,7 @@ import pytest
 from serve_helpers import lm, serve_ckpt  # noqa: F401
 
 from lmforge.infer import Engine, SamplingParams, Sequence
-from lmforge.serve.scheduler import Event, QueueFull, Request, Scheduler, ServingEngine
+from lmforge.serve.scheduler import Event, QueueFull, Request, Scheduler
 
 
 def _greedy(n: int) -> SamplingParams:
@@ -33,8 +33,8 @@ def _solo(lm, ids, n) -> str:  # noqa: F811
     )
 
 
-@pytest.mark.parametrize("engine_cls", [Engine, ServingEngine])
-def test_requests_join_a_running_batch(lm, engine_cls):  # noqa: F811
+@pytest.mark.parametrize("skip_idle_tail", [False, True])
+def test_requests_join_a_running_batch(lm, skip_idle_tail):  # noqa: F811
     """B arrives while A decodes, joins A's batch (B's first token comes before A's last), and each gives
     exactly what it gives alone. D and C start at different times, so D's row idles for longer than the
     context while C runs: positions of empty rows must not run past the context."""
@@ -42,7 +42,8 @@ def test_requests_join_a_running_batch(lm, engine_cls):  # noqa: F811
     a_ids, b_ids = tok.encode("The quick brown fox", bos=True), tok.encode("Hello", bos=True)
 
     async def run():
-        sched = Scheduler({"m": engine_cls(lm.model, tok, max_batch=4)}, max_queue=8)
+        engine = Engine(lm.model, tok, max_batch=4, skip_idle_tail=skip_idle_tail)
+        sched = Scheduler({"m": engine}, max_queue=8)
         sched.start()
         loop = asyncio.get_running_loop()
         try:
@@ -94,7 +95,7 @@ def test_cancel_frees_rows_and_queue_bound(lm):  # noqa: F811
     ids = tok.encode("Hello", bos=True)
 
     async def run():
-        engine = ServingEngine(lm.model, tok, max_batch=2)
+        engine = Engine(lm.model, tok, max_batch=2, skip_idle_tail=True)
         sched = Scheduler({"m": engine}, max_queue=1)
         sched.start()
         loop = asyncio.get_running_loop()
@@ -124,9 +125,10 @@ def test_cancel_frees_rows_and_queue_bound(lm):  # noqa: F811
     assert cancelled == 2 and text == [_solo(lm, ids, 5)]
 
 
-def test_serving_engine_steps_like_engine(lm):  # noqa: F811
-    """Same adds and steps on Engine and ServingEngine (which decodes only the rows up to the last busy
-    one): the same tokens for every sequence, greedy and seeded, as rows finish and others join."""
+def test_skipping_the_idle_tail_steps_like_engine(lm):  # noqa: F811
+    """Same adds and steps on Engine and Engine(skip_idle_tail=True) (which decodes only the rows up to
+    the last busy one): the same tokens for every sequence, greedy and seeded, as rows finish and
+    others join."""
     tok = lm.tokenizer
     prompts = [
         tok.encode(t, bos=True) for t in ("The quick brown fox", "Hello", "def add(a, b):", "A", "xyz")
@@ -137,8 +139,8 @@ def test_serving_engine_steps_like_engine(lm):  # noqa: F811
             return SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
         return SamplingParams(max_new_tokens=n, temperature=0.9, top_k=50, seed=i, ignore_eos=True)
 
-    def run(cls):
-        e = cls(lm.model, tok, max_batch=4)
+    def run(skip_idle_tail):
+        e = Engine(lm.model, tok, max_batch=4, skip_idle_tail=skip_idle_tail)
         seqs = [Sequence(prompts[0], params(0, 40)), Sequence(prompts[1], params(1, 6))]
         e.add(seqs)  # rows 0, 1; row 1 finishes early, rows 2-3 stay empty at first
         for step in range(200):
@@ -153,6 +155,46 @@ def test_serving_engine_steps_like_engine(lm):  # noqa: F811
             e.step()
         return [s.token_ids for s in seqs]
 
-    a, b = run(Engine), run(ServingEngine)
+    a, b = run(False), run(True)
     assert [len(x) for x in a] == [40, 6, 30, 12, 50]
     assert a == b
+
+
+def test_an_engine_error_fails_the_running_requests_and_frees_every_row(lm, monkeypatch):  # noqa: F811
+    """A decode step that raises fails what is in flight (Failure, internal) and empties the engine
+    through its public clear(); the scheduler keeps serving: the next request gives what it gives alone."""
+    from lmforge.serve.scheduler import Failure
+
+    tok = lm.tokenizer
+    ids = tok.encode("Hello", bos=True)
+    engine = Engine(lm.model, tok, max_batch=2, skip_idle_tail=True)
+    real_step, calls = Engine.step, []
+
+    def step(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real_step(self)
+
+    monkeypatch.setattr(Engine, "step", step)
+
+    async def run():
+        sched = Scheduler({"m": engine}, max_queue=4)
+        sched.start()
+        loop = asyncio.get_running_loop()
+        try:
+            req = Request("m", [ids, ids], [_greedy(50), _greedy(50)], loop=loop)
+            sched.submit(req)
+            failures = []
+            async for events in req:
+                failures += [e for e in events if isinstance(e, Failure)]
+            active = engine.active
+            after = Request("m", [ids], [_greedy(5)], loop=loop)
+            sched.submit(after)
+            return failures, active, await _collect(after)
+        finally:
+            sched.stop(timeout=5)
+
+    failures, active, text = asyncio.run(run())
+    assert len(failures) == 1 and "boom" in failures[0].message and failures[0].internal
+    assert active == 0 and text == [_solo(lm, ids, 5)]

@@ -278,17 +278,33 @@ def test_generation_stops_at_every_stop_id(name, root):
     lm = LM(Transformer(cfg).eval(), tok)
     prompt = tok.encode_chat([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
     for sid in tok.stop_ids():
-        out = generate(lm, prompt, details=True, max_new_tokens=8, temperature=0, logit_bias={sid: 100})
+        out = generate(
+            lm.model,
+            lm.tokenizer,
+            prompt,
+            details=True,
+            max_new_tokens=8,
+            temperature=0,
+            logit_bias={sid: 100},
+        )
         assert out.finish_reason == "stop" and out.token_ids == [sid], (name, sid)
         # Without the stop set (ignore_eos), the same model runs to max_new_tokens.
         out = generate(
-            lm, prompt, details=True, max_new_tokens=4, temperature=0, logit_bias={sid: 100}, ignore_eos=True
+            lm.model,
+            lm.tokenizer,
+            prompt,
+            details=True,
+            max_new_tokens=4,
+            temperature=0,
+            logit_bias={sid: 100},
+            ignore_eos=True,
         )
         assert out.finish_reason == "length" and out.token_ids == [sid] * 4
     sid = tok.stop_ids()[-1]
     buf = io.StringIO()
     chat(
-        lm,
+        lm.model,
+        lm.tokenizer,
         SamplingParams(max_new_tokens=8, temperature=0, logit_bias={sid: 100}),
         input=io.StringIO("Hello\n"),
         output=buf,
@@ -569,16 +585,16 @@ def test_sentencepiece_missing_names_the_extra(tmp_path, monkeypatch):
 
 
 def test_chat_passes_template_kwargs(root):
-    from lmforge.cli import _template_kwargs
     from lmforge.infer.chat import fit_conversation
+    from lmforge.options import key_values
 
-    assert _template_kwargs(["enable_thinking=false", "name=Bob", "n=3"]) == {
+    assert key_values(["enable_thinking=false", "name=Bob", "n=3"], "--template-kwarg") == {
         "enable_thinking": False,
         "name": "Bob",
         "n": 3,
     }
     with pytest.raises(UserError, match="KEY=VALUE"):
-        _template_kwargs(["oops"])
+        key_values(["oops"], "--template-kwarg")
     tok = Tokenizer.load(hub_dir("qwen3-0.6b", root))
     ids, kept, dropped = fit_conversation(tok, BASIC[:2], 8, 4096, [WEATHER], enable_thinking=False)
     assert ids == tok.encode_chat(BASIC[:2], True, tools=[WEATHER], enable_thinking=False)

@@ -126,6 +126,32 @@ def test_resume_reads_the_saved_run_config(tmp_path):
     assert fresh.train.lr == 1e-3  # without --resume the saved config is not read
 
 
+@pytest.mark.parametrize("value", ["none", "no", "false", "False", ""])
+def test_resume_no_is_a_fresh_run_everywhere(tmp_path, value):
+    # the saved config is not the base, and the checkpointer starts fresh (refusing to overwrite)
+    from lmforge.train.config import Resume
+    from lmforge.train.distributed import Dist
+    from lmforge.train.state import Checkpointer
+
+    assert Resume.parse(value) == Resume("fresh") and Resume.parse(False) == Resume("fresh")
+    assert Resume.parse("auto") == Resume("auto")
+    assert Resume.parse("runs/x/checkpoints/step_000004") == Resume(
+        "path", Path("runs/x/checkpoints/step_000004")
+    )
+    run = tmp_path / "runs/x"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(load_config(overrides={"train.lr": 0.005, "name": "x"}).to_yaml())
+    cfg = config_for_run(None, {"name": "x", "out_dir": str(tmp_path / "runs"), "resume": value}, "pretrain")
+    assert cfg.train.lr == 1e-3
+    assert Checkpointer(run, Resume.parse(cfg.resume), Dist()).resume_from is None
+    (run / "checkpoints/step_000004").mkdir(parents=True)
+    (run / "checkpoints/step_000004/trainer_state.json").write_text("{}")
+    with pytest.raises(UserError, match="already has checkpoints"):
+        Checkpointer(run, Resume.parse(value), Dist())
+    ck = Checkpointer(run, Resume.parse("auto"), Dist())
+    assert ck.resume_from == ck.last == run / "checkpoints/step_000004"
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
 def test_schedules(schedule):
     t = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule, decay_fraction=0.2)
@@ -158,7 +184,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
 
 
 def test_checkpoint_state_packs_without_pickle():
-    from lmforge.train.checkpointing import pack, unpack
+    from lmforge.train.state import pack, unpack
 
     state = {
         "a": 1,

@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from train_data import cli_env, corpus, losses, make_config, one_thread, run_dict, write_yaml  # noqa: F401
+from train_data import cli_env, losses, make_config, run_dict, write_yaml
 
 from lmforge.train import train
-from lmforge.train.checkpointing import list_checkpoints, read_checkpoint
+from lmforge.train.state import list_checkpoints, read_checkpoint
 
 STEPS = 6
 OVER = {

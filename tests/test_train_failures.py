@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from train_data import corpus, losses, make_config, one_thread  # noqa: F401
+from train_data import losses, make_config
 
 from lmforge.model import Transformer
 from lmforge.train import TrainingDiverged, train
-from lmforge.train.checkpointing import list_checkpoints, read_checkpoint
+from lmforge.train.state import list_checkpoints, read_checkpoint
 from lmforge.utils import UserError
 
 
@@ -54,9 +54,9 @@ def test_skip_nonfinite_skips_the_step(corpus, tmp_path, monkeypatch, one_thread
 
 
 def test_failed_checkpoint_write_leaves_the_previous_one_whole(corpus, tmp_path, monkeypatch, one_thread):  # noqa: F811
-    from lmforge.train import checkpointing
+    from lmforge.train import state as trainer_state
 
-    real, n = checkpointing.save_file, [0]
+    real, n = trainer_state.save_file, [0]
 
     def flaky(tensors, path, **kw):
         if path.endswith("optimizer.safetensors"):
@@ -65,7 +65,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_whole(corpus, tmp_path,
                 raise OSError(28, "No space left on device")
         return real(tensors, path, **kw)
 
-    monkeypatch.setattr(checkpointing, "save_file", flaky)
+    monkeypatch.setattr(trainer_state, "save_file", flaky)
     with pytest.raises(OSError, match="No space left"):
         train(make_config(corpus, tmp_path, "disk", **{"ckpt.every": 2, "train.max_steps": 6}))
     ck = tmp_path / "disk/checkpoints"

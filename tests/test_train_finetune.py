@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from train_data import base_model, cli_env, corpus, losses, make_config, one_thread  # noqa: F401
+from train_data import base_model, cli_env, losses, make_config
 
 from lmforge.checkpoint import load_model
 from lmforge.train import load_lora_model, merge_lora, train

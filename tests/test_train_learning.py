@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from train_data import corpus, make_config, one_thread  # noqa: F401
+from train_data import make_config
 
 from lmforge.train import train
 

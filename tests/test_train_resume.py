@@ -13,10 +13,10 @@ import sys
 import time
 
 import pytest
-from train_data import base_model, cli_env, corpus, losses, make_config, one_thread, run_dict, write_yaml  # noqa: F401
+from train_data import base_model, cli_env, losses, make_config, run_dict, write_yaml
 
 from lmforge.train import train
-from lmforge.train.checkpointing import list_checkpoints, read_checkpoint
+from lmforge.train.state import list_checkpoints, read_checkpoint
 
 
 def test_resume_from_checkpoint_is_exact(corpus, tmp_path, one_thread):  # noqa: F811

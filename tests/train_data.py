@@ -1,7 +1,8 @@
-"""Shared fixtures for the training tests: a small real corpus, tokenizer, token shards and chat data.
+"""Helpers of the training tests: a small real corpus, chat data, run configs, the CLI in a subprocess.
 
 The corpus is Python's own standard library source (offline, identical on every run with the pinned
-interpreter), tokenized with a 512-token BPE trained here, prepared with `lmforge.data.prepare`.
+interpreter), tokenized with a 512-token BPE, prepared with `lmforge.data.prepare`: the `corpus`
+fixture (tests/conftest.py) builds it once per session from the writers here.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ import sys
 import sysconfig
 from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
 
 CORPUS_BYTES = 1_200_000
 VOCAB = 512
@@ -48,28 +47,6 @@ def write_chat(path: Path, n: int = 240, seed: int = 0) -> Path:
             ]
             fh.write(json.dumps({"messages": msgs}) + "\n")
     return path
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """{"tokenizer": dir, "data": token-shard dir, "chat": chat.jsonl} built once per test session."""
-    from lmforge.data.prepare import prepare
-    from lmforge.tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("train_corpus")
-    docs = write_corpus(root / "text")
-    texts = [p.read_text() for p in sorted(docs.glob("*.txt"))]
-    tok = train_tokenizer(texts, VOCAB)
-    tok.save(root / "tok")
-    prepare(
-        str(docs), root / "tok", root / "data", workers=1, val_fraction=0.1, progress=False, verbose=False
-    )
-    return {
-        "tokenizer": root / "tok",
-        "data": root / "data",
-        "chat": write_chat(root / "chat.jsonl"),
-        "root": root,
-    }
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -145,13 +122,6 @@ def single_threaded():
         yield
     finally:
         torch.set_num_threads(n)
-
-
-@pytest.fixture
-def one_thread():
-    """Run the test on one torch thread (see single_threaded)."""
-    with single_threaded():
-        yield
 
 
 def base_model(corpus, path: Path, family: str = "llama", seed: int = 0) -> Path:

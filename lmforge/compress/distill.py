@@ -116,7 +116,20 @@ def distill(
 ) -> dict:
     """What `lmforge distill` does: train `student` (preset or checkpoint) on `data` against `teacher`,
     then compare teacher and student (size, bits per byte, decode speed). Returns the run summary with
-    the comparison under "compare"."""
+    the comparison under "compare".
+
+    Args:
+        teacher: the teacher checkpoint directory (with its tokenizer)
+        student: a checkpoint directory to start from, or a preset size (debug, tiny, small, ...)
+            optionally with a family (llama:debug); a preset takes the teacher's family and vocabulary
+        data: a `data prepare` directory tokenized with the teacher's tokenizer, or a source such as
+            python-docs (prepared into the run directory) (default: --data.path)
+        temperature: softmax temperature of both models
+        alpha: weight of the distillation term; 1 - alpha goes to the next-token loss
+        eval_data: source (or `data prepare` directory) whose validation split gives bits per byte before
+            and after
+        eval_tokens: tokens scored for bits per byte
+    """
     from lmforge.checkpoint import load_model, read_config
     from lmforge.compress.prune import prepared_data
     from lmforge.train import train

@@ -27,10 +27,12 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from lmforge.hf import config_to_hf
 from lmforge.utils import UserError
 
 METHODS = ("magnitude", "wanda")
@@ -188,7 +190,7 @@ def _structured(model, method, sparsity, structure, calibration, log):
             sd[p + "w_out.weight"] = sd[p + "w_out.weight"][:, kept]
         what = f"{ff - keep_n} of {ff} FFN channels per layer (d_ff {ff} -> {keep_n})"
     try:
-        new.to_hf()
+        config_to_hf(new)
     except ValueError as e:
         raise UserError(f"the pruned model cannot be written as a {cfg.family} checkpoint: {e}") from None
     dev, dt = model.tok_emb.weight.device, model.tok_emb.weight.dtype
@@ -284,9 +286,9 @@ def prune(
     checkpoint,
     out,
     *,
-    method: str = "magnitude",
+    method: Literal["magnitude", "wanda"] = "magnitude",
     sparsity: float = 0.5,
-    structure: str = "unstructured",
+    structure: Literal["unstructured", "2:4", "heads", "ffn"] = "unstructured",
     calibration_data: str | None = "python-docs",
     calibration_samples: int = 128,
     calibration_seq_len: int = 256,
@@ -303,7 +305,30 @@ def prune(
     log=print,
 ) -> dict:
     """What `lmforge prune` does: prune, optionally recover with a short fine-tuning run, save to `out`,
-    and compare before and after. Returns the summary."""
+    and compare before and after. Returns the summary.
+
+    Args:
+        checkpoint: an lmforge or Hugging Face model directory
+        out: directory for the pruned checkpoint
+        method: importance score: |W| (magnitude) or |W| x input-activation norm (wanda)
+        sparsity: fraction to remove: of each row's weights (unstructured), of the KV head groups (heads),
+            of the FFN channels (ffn); ignored for 2:4, which is always 50%
+        structure: what is removed
+        calibration_data: wanda: source or `data prepare` directory for the activations (training split)
+        calibration_samples: wanda: sequences to calibrate on
+        calibration_seq_len: wanda: tokens per calibration sequence
+        recover_steps: fine-tune this many steps after pruning
+        data: recovery data: a `data prepare` directory, or a source (prepared with the model's tokenizer)
+        recover_lr: recovery peak learning rate; about the end of pretraining's schedule
+        recover_batch_size: recovery sequences per step
+        recover_seq_len: recovery tokens per sequence
+        run_dir: run directory of the recovery (metrics, checkpoints) (default: <out>-recovery next to --out)
+        seed: seed for calibration and recovery
+        eval_data: source (or `data prepare` directory) whose validation split gives bits per byte before
+            and after
+        eval_tokens: tokens scored for bits per byte
+        device: cuda, cpu or auto (where pruning and the checks run)
+    """
     import lmforge
     from lmforge.compress.summary import compare_models, format_summary
 

@@ -6,12 +6,9 @@ Notable features
   value of the middle code, as in PyTorch's int4 kernels and gpt-fast)
 - scales and zeros are bfloat16 values chosen so that the grid covers every weight (scales rounded up),
   so the stored weights are within scale/2 of the originals and the kernels use the exact values stored
-- kernels measured on the decode shapes (bench/quantize.py): on CPU, lmforge's own kernel for the
-  few rows of a decode step (lmforge/infer/rows.py, fp32 activations; once an Engine has built it),
-  else `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` with bf16 activations (fp32
-  accumulation);
-  `_weight_int8pack_mm` / `_weight_int4pack_mm` (bf16) on CUDA; elsewhere, or for shapes a kernel refuses,
-  the layer is dequantized on the fly (a layer's `kernel` attribute says which one it uses)
+- the matmuls are lmforge/kernels/quant.py's (lmforge's row kernel for decode steps on CPU once
+  `lmforge.kernels.install` has built it, PyTorch's int8/int4 kernels, else dequantizing on the fly;
+  a layer's `kernel` attribute says which one it uses)
 - the embedding table can be int8 too (per-row scales); when the output projection is tied to it, the
   output projection runs the int8 kernel on the same table
 
@@ -32,13 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge import hf
-from lmforge.infer import rows
+from lmforge.kernels.quant import choose_kernel, int4_matmul, int4_pack, int8_matmul
 from lmforge.model import Transformer
 from lmforge.utils import UserError
 
 FORMAT = "lmforge"
 TARGETS = ("wqkv", "wo", "w_in", "w_out")  # our names of the linear layers in every block
-GROUP_SIZES = (32, 64, 128, 256)
 _BF16 = torch.bfloat16
 
 
@@ -98,59 +94,6 @@ def dequantize_int4(p, scales, zeros, dtype=torch.float32):
     G = K // scales.shape[1]
     w = (q.view(N, K // G, G) - 8) * scales.float()[..., None] + zeros.float()[..., None]
     return w.view(N, K).to(dtype)
-
-
-# --------------------------------------------------------------------------------------------- kernels
-def choose_kernel(bits: int, device: torch.device, N: int, K: int, G: int | None) -> str:
-    """The kernel a layer of this shape runs on (measured fastest at batch 1, see bench/quantize.py);
-    'dequant' = dequantize the layer on the fly (no kernel for this device or shape)."""
-    dev = torch.device(device).type
-    if bits == 8:
-        if dev == "cpu" and K % 16 == 0:  # the CPU kernel needs K % 16 == 0 (it crashes otherwise)
-            return "int8pack_cpu"
-        if dev == "cuda" and _cuda_probe("int8"):
-            return "int8pack_cuda"
-    else:
-        if dev == "cpu" and N % 16 == 0 and G in GROUP_SIZES:
-            return "int4pack_cpu"
-        if dev == "cuda" and N % 8 == 0 and K % 128 == 0 and G in GROUP_SIZES and _cuda_probe("int4"):
-            return "int4pack_cuda"
-    return "dequant"
-
-
-_PROBED: dict[str, bool] = {}
-
-
-def _cuda_probe(kind: str) -> bool:
-    """Whether this CUDA build and GPU run the kernel (and get the right answer), checked once."""
-    if kind not in _PROBED:
-        _PROBED[kind] = False  # while probing (the probe builds a layer, which asks again)
-        try:
-            g = torch.Generator().manual_seed(0)
-            w = torch.randn(64, 1024, generator=g)
-            x = torch.randn(2, 1024, generator=g).to("cuda", _BF16)
-            m = QuantLinear.from_float(w, bits=8 if kind == "int8" else 4, group_size=128).to("cuda")
-            m.kernel = "int8pack_cuda" if kind == "int8" else "int4pack_cuda"
-            ref = F.linear(x.float(), m.dequantize().to("cuda"))
-            ok = bool(torch.allclose(m(x).float(), ref, atol=0.5, rtol=0.05))
-        except Exception:  # no kernel in this build, or not for this GPU
-            ok = False
-        _PROBED[kind] = ok
-    return _PROBED[kind]
-
-
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, kernel: str) -> torch.Tensor:
-    """x (M, K) @ (q (N, K) * scales (N,))^T -> (M, N) in x's dtype."""
-    if (
-        kernel == "int8pack_cpu"
-        and rows.LOADED
-        and x.shape[0] <= rows.MAX_ROWS[torch.int8]
-        and not x.requires_grad
-    ):
-        return rows.linear_rows(x, q, scales)  # a decode step: lmforge's kernel, fp32 activations
-    if kernel in ("int8pack_cpu", "int8pack_cuda"):  # bf16 activations: the CPU fp32 path is ~10x slower
-        return torch.ops.aten._weight_int8pack_mm(x.to(_BF16), q, scales.to(_BF16)).to(x.dtype)
-    return F.linear(x, q.to(x.dtype)) * scales.to(x.dtype)
 
 
 class QuantLinear(nn.Module):
@@ -267,14 +210,7 @@ class QuantLinear(nn.Module):
 
     def _pack(self):
         """The int4 weights in the kernel's own layout (not saved; rebuilt after a move or a load)."""
-        if self.kernel == "int4pack_cpu":
-            q = unpack_int4(self.qweight).to(torch.int32)
-            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        else:  # CUDA: (N, K/2) uint8 with the even column in the high nibble
-            q = unpack_int4(self.qweight)
-            w = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
-        sz = torch.stack((self.scales, self.zeros), dim=-1).transpose(0, 1).contiguous()  # (K/G, N, 2)
-        self._packed = (w, sz)
+        self._packed = int4_pack(unpack_int4(self.qweight), self.scales, self.zeros, self.kernel)
         return self._packed
 
     # ------------------------------------------------------------------ forward
@@ -284,12 +220,8 @@ class QuantLinear(nn.Module):
         k = self.kernel
         if self.bits == 8:
             y = int8_matmul(x2, self.qweight, self.scales, k)
-        elif k == "int4pack_cpu":
-            w, sz = self._packed or self._pack()
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(_BF16), w, self.group_size, sz).to(x.dtype)
-        elif k == "int4pack_cuda":
-            w, sz = self._packed or self._pack()
-            y = torch.ops.aten._weight_int4pack_mm(x2.to(_BF16), w, self.group_size, sz).to(x.dtype)
+        elif k in ("int4pack_cpu", "int4pack_cuda"):
+            y = int4_matmul(x2, self._packed or self._pack(), self.group_size, k)
         else:
             y = F.linear(x2, self.dequantize(x.dtype))
         if self.bias is not None:
@@ -441,8 +373,9 @@ def check_scheme(qcfg, where) -> dict:
     if not isinstance(qcfg, dict) or qcfg.get("format") != FORMAT or int(qcfg.get("bits", 0)) not in (4, 8):
         method = qcfg.get("quant_method") if isinstance(qcfg, dict) else qcfg
         raise UserError(
-            f"{where}: config.json quantization_config ({method!r}) is not an lmforge scheme; lmforge loads "
-            "its own int8/int4 checkpoints (lmforge quantize). Load this model with the library that made it."
+            f"{where}: config.json quantization_config ({method!r}) is not a scheme lmforge reads; lmforge "
+            "loads its own int8/int4 checkpoints (lmforge quantize) and GPTQ, AWQ and compressed-tensors ones. "
+            "Load this model with the library that made it."
         )
     return qcfg
 

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
+from lmforge.checkpoint import save_model
+from lmforge.compress.awq import awq_block
+from lmforge.compress.formats import check_exportable, int4_params_symmetric
 from lmforge.compress.qlinear import (
-    FORMAT,
-    GROUP_SIZES,
-    TARGETS,
     QuantEmbedding,
     QuantizedTransformer,
     QuantLinear,
@@ -40,37 +41,11 @@ from lmforge.compress.qlinear import (
     int8_scales,
     target_linears,
 )
+from lmforge.compress.scheme import METHODS, PARTS, scheme
+from lmforge.kernels.quant import GROUP_SIZES
 from lmforge.utils import UserError
 
-METHODS = {"int8": 8, "int4": 4}
-PARTS = ("embeddings", "lm_head")  # what --keep-float may name
-
-
-def scheme(
-    method: str, group_size: int | None = 64, keep_float: tuple[str, ...] = (), algorithm: str = "rtn"
-) -> dict:
-    """The `quantization_config` written to config.json."""
-    if method not in METHODS:
-        raise UserError(f"--method {method!r}: choose int8 or int4")
-    bad = sorted(set(keep_float) - set(PARTS))
-    if bad:
-        raise UserError(f"--keep-float {','.join(bad)}: parts that may stay in float are {', '.join(PARTS)}")
-    bits = METHODS[method]
-    if bits == 4 and group_size not in GROUP_SIZES:
-        raise UserError(f"--group-size {group_size}: choose one of {', '.join(map(str, GROUP_SIZES))}")
-    modules = list(TARGETS) + ([] if "lm_head" in keep_float else ["lm_head"])
-    return {
-        "quant_method": method,
-        "format": FORMAT,
-        "bits": bits,
-        "group_size": group_size if bits == 4 else None,
-        "symmetric": bits == 8,
-        "zero_point": None if bits == 8 else "w = (q - 8) * scale + zero, q in 0..15",
-        "modules": modules,
-        "embedding": None if "embeddings" in keep_float else "int8",
-        "algorithm": algorithm,
-        "not_quantized": [],
-    }
+ALGORITHMS = ("rtn", "gptq", "awq")
 
 
 def _group_for(K: int, G: int | None) -> int | None:
@@ -92,11 +67,13 @@ def gptq(
     group_size: int | None,
     percdamp: float = 0.01,
     blocksize: int = 128,
+    params=int4_params,
 ):
     """GPTQ codes for weight w (N, K) given the input second moment H = E[x x^T] (K, K).
 
     Returns (q, scales) for int8 or (q, scales, zeros) for int4, in the layouts QuantLinear.from_float
-    takes. Column order is the natural one (no act-order), so groups stay contiguous.
+    takes. Column order is the natural one (no act-order), so groups stay contiguous. params: the int4
+    grid of a group, int4_params (asymmetric) or formats.int4_params_symmetric.
     """
     W = w.detach().float().clone()
     N, K = W.shape
@@ -127,7 +104,7 @@ def gptq(
         for i in range(i2 - i1):
             col = i1 + i
             if bits == 4 and col % G == 0:  # a new group: its grid from the weights as updated so far
-                s, z = int4_params(W1[:, i : i + G])
+                s, z = params(W1[:, i : i + G])
                 scales[:, col // G], zeros[:, col // G] = s, z
             wc = W1[:, i]
             if bits == 8:
@@ -154,15 +131,33 @@ def quantize_model(
     *,
     keep_float=(),
     calibration: list[torch.Tensor] | None = None,
+    algorithm: str | None = None,
+    format: str = "lmforge",
     log=print,
 ):
-    """Quantize `model` in place (round to nearest, or GPTQ when `calibration` batches of token ids are
-    given) and record the scheme in model.config.extra["quantization_config"]. Returns the model."""
+    """Quantize `model` in place (round to nearest; GPTQ or AWQ on `calibration` batches of token ids;
+    algorithm None = GPTQ when calibration is given, else round to nearest) and record the scheme in
+    model.config.extra["quantization_config"]. Returns the model.
+    format: the checkpoint format it will be saved in; gptq / awq / compressed-tensors put int4 on the
+    symmetric grid those formats hold exactly and keep the embeddings and output projection in float."""
     cfg = model.config
     if cfg.extra.get("quantization_config"):
         raise UserError("this model is already quantized; quantize the original checkpoint instead")
-    qcfg = scheme(method, group_size, tuple(keep_float), "gptq" if calibration is not None else "rtn")
+    algorithm = algorithm or ("gptq" if calibration is not None else "rtn")
+    if algorithm not in ALGORITHMS:
+        raise UserError(f"--algorithm {algorithm!r}: choose one of {', '.join(ALGORITHMS)}")
+    if algorithm != "rtn" and calibration is None:
+        raise UserError(f"--algorithm {algorithm} needs --calibration-data")
+    if algorithm == "rtn":
+        calibration = None
+    ecosystem = format != "lmforge"
+    check_exportable(cfg, METHODS.get(method, 0), format)
+    if ecosystem and set(PARTS) - set(keep_float):
+        log(f"note: --format {format}: the embeddings and the output projection stay in float")
+        keep_float = PARTS
+    qcfg = scheme(method, group_size, tuple(keep_float), algorithm, symmetric=ecosystem)
     bits = qcfg["bits"]
+    params = int4_params_symmetric if ecosystem else int4_params
     if cfg.n_experts:
         log(
             f"note: the {cfg.n_experts} experts of each MoE layer stay in float (stacked (E, ...) tensors, "
@@ -176,6 +171,11 @@ def quantize_model(
         K = lin.in_features
         G = _group_for(K, group_size) if bits == 4 else None
         kernel_ok = bits == 8 or G is not None
+        if ecosystem and bits == 4 and G != group_size:
+            raise UserError(
+                f"--format {format}: {name} has {K} inputs, not a multiple of --group-size {group_size} "
+                "(the format has one group size); choose a group size that divides every layer's inputs"
+            )
         if not kernel_ok:
             qcfg["not_quantized"].append(name)
             log(f"note: {name} stays in float: its {K} inputs are not a multiple of any int4 group size")
@@ -183,6 +183,10 @@ def quantize_model(
         if bits == 4 and G != group_size:
             log(f"note: {name} uses int4 groups of {G} ({K} inputs are not a multiple of {group_size})")
         codes = codes_fn(lin, G) if codes_fn else None
+        if codes is None and bits == 4 and ecosystem:  # round to nearest on the symmetric grid
+            wg = lin.weight.float().view(lin.out_features, K // G, G)
+            s, z = int4_params_symmetric(wg)
+            codes = (int4_codes(wg, s, z).view(lin.out_features, K), s, z)
         setattr(parent, attr, QuantLinear.from_float(lin.weight, lin.bias, bits, G, codes=codes))
 
     if calibration is None:
@@ -192,26 +196,39 @@ def quantize_model(
         from lmforge.compress.calibrate import blocks_in_order, input_stats
 
         t0 = time.perf_counter()
+        alphas, notes = [], set()  # AWQ: the searched scale exponents, and what it could not scale
         by_block: dict[int, list] = {}
         for name, parent, attr in targets:
             if name.startswith("blocks."):
                 by_block.setdefault(int(name.split(".")[1]), []).append((name, parent, attr))
         for i, block, inputs in blocks_in_order(model, calibration):
             layers = by_block.get(i, [])
+            if algorithm == "awq":  # scales folded into the float weights, then round to nearest
+                rep = awq_block(block, cfg, inputs, bits, lambda K: _group_for(K, group_size))
+                alphas += list(rep["alpha"].values())
+                notes.update(rep["notes"])
+                for name, parent, attr in layers:
+                    convert(name, parent, attr)
+                continue
             mods = {name: getattr(parent, attr) for name, parent, attr in layers}
             stats = input_stats(mods, lambda block=block, inputs=inputs: [block(*a) for a in inputs])
             for name, parent, attr in layers:
                 H = stats[name][0]
 
                 def codes_fn(lin, G, H=H):
-                    return gptq(lin.weight, H, bits, G)
+                    return gptq(lin.weight, H, bits, G, params=params)
 
                 convert(name, parent, attr, codes_fn)
         for name, parent, attr in targets:  # the output projection: round to nearest
             if not name.startswith("blocks."):
                 convert(name, parent, attr)
         n_tok = sum(b.numel() for b in calibration)
-        log(f"GPTQ on {len(calibration)} batches ({n_tok:,} tokens) in {time.perf_counter() - t0:.1f}s")
+        what = f"{algorithm.upper()} on {len(calibration)} batches ({n_tok:,} tokens)"
+        if algorithm == "awq":
+            what += f", scale exponents {min(alphas):.2f}-{max(alphas):.2f}" if alphas else ""
+            for note in sorted(notes):
+                log(f"note: AWQ: {note}")
+        log(f"{what} in {time.perf_counter() - t0:.1f}s")
     if qcfg["embedding"] == "int8":
         emb = QuantEmbedding.from_float(model.tok_emb.weight)
         model.tok_emb = emb
@@ -243,13 +260,15 @@ def quantization_error(model_q, reference) -> dict[str, float]:
 def quantize(
     checkpoint,
     out,
-    method: str = "int8",
-    group_size: int = 64,
+    method: Literal["int8", "int4"] = "int8",
+    group_size: Literal[32, 64, 128, 256] = 64,
     *,
-    keep_float=(),
-    calibration_data=None,
+    keep_float: tuple[str, ...] = (),
+    calibration_data: str | None = None,
     calibration_samples: int = 128,
     calibration_seq_len: int = 256,
+    algorithm: Literal["rtn", "gptq", "awq"] | None = None,
+    format: Literal["lmforge", "gptq", "awq", "compressed-tensors"] = "lmforge",
     seed: int = 0,
     eval_data: str | None = "python-docs",
     eval_tokens: int = 20_000,
@@ -257,7 +276,28 @@ def quantize(
     log=print,
 ) -> dict:
     """What `lmforge quantize` does: load, quantize, save to `out`, then compare before and after
-    (size, bits per byte on eval_data's validation split, decode speed). Returns the summary."""
+    (size, bits per byte on eval_data's validation split, decode speed). Returns the summary.
+
+    Args:
+        checkpoint: an lmforge or Hugging Face model directory (float weights)
+        out: directory for the quantized checkpoint
+        method: int8 or int4 weights
+        group_size: int4: inputs per (scale, zero) group; smaller is more accurate and larger
+        keep_float: comma-separated parts to leave in float: embeddings (the token table, and a tied
+            output projection), lm_head (an untied output projection) (default: none)
+        calibration_data: a source (e.g. python-docs) or `data prepare` directory: refine the rounding
+            with GPTQ (or AWQ, see --algorithm) on its training split (default: none, round to nearest)
+        calibration_samples: GPTQ/AWQ: sequences to calibrate on
+        calibration_seq_len: GPTQ/AWQ: tokens per sequence
+        algorithm: rtn (round to nearest), gptq or awq (default: gptq with --calibration-data, else rtn)
+        format: how the checkpoint stores its weights: lmforge (lmforge only), or gptq / awq (int4) and
+            compressed-tensors (int8 or int4), which transformers and vLLM load
+        seed: seed for picking calibration sequences
+        eval_data: source (or `data prepare` directory) whose validation split gives bits per byte before
+            and after
+        eval_tokens: tokens scored for bits per byte
+        device: cuda, cpu or auto (where quantizing and the checks run)
+    """
     import lmforge
     from lmforge.compress.summary import compare_models, format_summary
 
@@ -266,7 +306,7 @@ def quantize(
         raise UserError("--out must be a new directory, not the checkpoint itself")
     lm = lmforge.load(checkpoint, device=device, dtype=torch.float32)
     calibration = None
-    if calibration_data:
+    if calibration_data and algorithm != "rtn":
         from lmforge.compress.calibrate import calibration_batches
 
         seq_len = min(calibration_seq_len, lm.config.max_seq_len)
@@ -274,11 +314,23 @@ def quantize(
             calibration_data, lm.tokenizer, samples=calibration_samples, seq_len=seq_len, seed=seed
         )
     t0 = time.perf_counter()
-    quantize_model(lm.model, method, group_size, keep_float=keep_float, calibration=calibration, log=log)
-    lm.save(out)
+    quantize_model(
+        lm.model,
+        method,
+        group_size,
+        keep_float=keep_float,
+        calibration=calibration,
+        algorithm=algorithm,
+        format=format,
+        log=log,
+    )
+    save_model(lm.model, out, tokenizer=lm.tokenizer, format=format)
     q = lm.config.extra["quantization_config"]
     what = f"int{q['bits']}" + (f" (groups of {q['group_size']})" if q["bits"] == 4 else " (per channel)")
-    log(f"quantized {checkpoint} to {what}, {q['algorithm']}, in {time.perf_counter() - t0:.1f}s -> {out}")
+    where = f"{format} format, " if format != "lmforge" else ""
+    log(
+        f"quantized {checkpoint} to {what}, {q['algorithm']}, {where}in {time.perf_counter() - t0:.1f}s -> {out}"
+    )
     del lm
     summary = compare_models(checkpoint, out, eval_data=eval_data, eval_tokens=eval_tokens, device=device)
     log(format_summary(summary))

@@ -82,7 +82,7 @@ def compare_models(
     t0 = time.perf_counter()
     lms = {"before": lmforge.load(before, device=device), "after": lmforge.load(after, device=device)}
     for k, lm in lms.items():
-        ev = evaluate_lm(lm, eval_data, max_tokens=eval_tokens)
+        ev = evaluate_lm(lm.model, lm.tokenizer, eval_data, max_tokens=eval_tokens)
         r[f"bpb_{k}"], r[f"loss_{k}"] = ev["bits_per_byte"], ev["loss"]
         r[f"params_{k}"] = lm.model.num_params()
     speed = decode_tok_s(lms, new_tokens=new_tokens)
@@ -94,7 +94,7 @@ def compare_models(
 
 
 def format_summary(r: dict, labels: tuple[str, str] = ("before", "after")) -> str:
-    from lmforge.evaluate.report import format_table
+    from lmforge.evaluate.table import format_table
     from lmforge.utils import human_count
 
     def change(a, b, fmt="{:+.1f}%"):

@@ -10,6 +10,12 @@ from lmforge.utils import human_bytes, human_count
 
 
 def describe(path: str, text_field: str = "text") -> str:
+    """What `lmforge data info` prints: a `data prepare` directory's splits, or a source's documents.
+
+    Args:
+        path: a `data prepare` output directory, or a --data source spec
+        text_field: JSON/Parquet field that holds the text
+    """
     meta = read_meta(path) if Path(path).is_dir() else None
     if meta is not None:
         lines = [

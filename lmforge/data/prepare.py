@@ -36,15 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data import _encode_worker
-from lmforge.data.sources import (
-    SourceStats,
-    check_source,
-    doc_digest,
-    is_hub,
-    is_validation,
-    iter_documents,
-    resolve_files,
-)
+from lmforge.data.document import doc_digest, is_validation
+from lmforge.data.sources import SourceStats, check_source, is_hub, iter_documents, resolve_files
 from lmforge.tokenizer import Tokenizer
 from lmforge.utils import UserError, atomic_dir, human_bytes, human_count
 
@@ -202,6 +195,18 @@ def prepare(
 
     `workers` processes tokenize in parallel (default: all cores; 1 = in this process).
     The result has "reused": True when a finished preparation of the same input was found.
+
+    Args:
+        data: python-docs (built in), c4, hf:owner/name[:config][@split], or a file/folder/glob of .txt
+            .md .json .jsonl .parquet (.gz/.zst too)
+        out: directory for the shards and meta.json
+        workers: tokenizer processes (default: all cores; 1 = in-process)
+        val_fraction: share of documents (by content hash) in the validation split
+        strict: stop at the first malformed JSON line instead of skipping it
+        max_docs: read at most this many documents
+        shard_tokens: tokens per shard file
+        force: redo the preparation even if a finished one matches
+        progress: show a progress bar
     """
     say = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.data.sources import Document, doc_digest, is_validation
+from lmforge.data.document import Document, doc_digest, is_validation
 from lmforge.utils import UserError, atomic_dir, human_bytes
 
 BUILDER_VERSION = 1  # bump when the extraction changes, so old caches are not reused

@@ -28,9 +28,10 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 from urllib.parse import urlparse
 
+from lmforge.data.document import Document
+from lmforge.data.pydocs import iter_python_docs
 from lmforge.utils import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -46,24 +47,6 @@ LOCAL_HINT = (
     "Local alternatives: `--data python-docs` (built in, no network), a folder of C4 shards "
     "(c4-*.json.gz, e.g. `--data ~/c4/en/`), or your own .txt/.md/.jsonl/.parquet files, folders or globs."
 )
-
-
-class Document(NamedTuple):
-    text: str
-    id: str
-
-
-def doc_digest(text: str | bytes) -> bytes:
-    """16-byte content hash of a document: bytes 0-7 key exact-duplicate removal, 8-15 the split."""
-    import hashlib
-
-    data = text.encode("utf-8") if isinstance(text, str) else text
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def is_validation(digest: bytes, val_fraction: float) -> bool:
-    """The split depends on content only, so it is the same on every run and every machine."""
-    return int.from_bytes(digest[8:16], "little") < val_fraction * 2.0**64
 
 
 @dataclass
@@ -447,8 +430,6 @@ def iter_documents(
     """
     stats = stats if stats is not None else SourceStats()
     if spec == "python-docs":
-        from lmforge.data.pydocs import iter_python_docs
-
         it = iter_python_docs()
     elif is_hub(spec):
         it = _iter_hub(spec, text_field, stats)

@@ -12,7 +12,8 @@ import os
 import sys
 import time
 
-from lmforge.data.sources import SourceStats, check_source, doc_digest, is_validation, iter_documents
+from lmforge.data.document import doc_digest, is_validation
+from lmforge.data.sources import SourceStats, check_source, iter_documents
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, compression, train_tokenizer
 from lmforge.utils import UserError, human_bytes
 
@@ -33,7 +34,19 @@ def train_tokenizer_on(
     strict: bool = False,
     verbose: bool = True,
 ) -> tuple[Tokenizer, dict]:
-    """Train on the train split of `data`, save to `out` (if given); return (tokenizer, report)."""
+    """Train on the train split of `data`, save to `out` (if given); return (tokenizer, report).
+
+    Args:
+        data: python-docs (built in), c4, hf:owner/name[:config][@split], or a file/folder/glob of .txt
+            .md .json .jsonl .parquet (.gz/.zst too)
+        vocab_size: vocabulary size including 256 byte tokens and the special tokens (e.g. 8192)
+        out: directory to write tokenizer.json and tokenizer_config.json
+        max_docs: read at most this many documents
+        max_chars: stop reading after this many characters of text
+        val_fraction: share of documents (by content hash) in the validation split
+        model_max_length: model_max_length written to tokenizer_config.json
+        strict: stop at the first malformed JSON line instead of skipping it
+    """
     say = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
     specials = SPECIAL_TOKENS if special_tokens is None else special_tokens
     if vocab_size < 256 + len(specials):  # fail before reading any data

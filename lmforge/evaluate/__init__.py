@@ -1,11 +1,15 @@
 """Evaluation: perplexity and bits per byte, tasks, robustness, speed, reports and pictures.
 
     from lmforge.evaluate import evaluate_lm, evaluate_task, bench_lm
-    evaluate_lm("runs/quickstart/final", "python-docs", max_tokens=50_000)["bits_per_byte"]
+    lm = lmforge.load("runs/quickstart/final")
+    evaluate_lm(lm.model, lm.tokenizer, "python-docs", max_tokens=50_000)["bits_per_byte"]
+
+Every function takes a loaded (model, tokenizer); lmforge.load turns a directory into them.
 
 Modules: perplexity (loss, perplexity, bits per byte, accuracy), tasks (multiple choice and
 generation from JSONL), robustness (the same under perturbed inputs), bench (speed against the
-machine's roofline), report (variants side by side, tables and plots), inspect (a prompt as pictures),
+machine's roofline), report (variants side by side, tables and plots), table (text and markdown
+tables), inspect (a prompt as pictures),
 lm_eval_adapter (lm-evaluation-harness `--model lmforge`; imports lm_eval, so it is not imported here).
 """
 

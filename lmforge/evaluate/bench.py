@@ -1,6 +1,7 @@
 """`lmforge bench`: how fast a checkpoint runs, against the limits of the machine it runs on.
 
-    r = bench_lm("runs/quickstart/final")            # batch 1, 8 and 32
+    lm = lmforge.load("runs/quickstart/final")
+    r = bench_lm(lm.model, lm.tokenizer)             # batch 1, 8 and 32
     r["batches"][0]["decode_tok_s"], r["batches"][0]["roofline_pct"]
 
 Notable features
@@ -30,7 +31,12 @@ from pathlib import Path
 
 import torch
 
-from lmforge.infer import hugepages
+from lmforge.evaluate.table import format_table
+from lmforge.infer.engine import Engine
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.sequence import Sequence
+from lmforge.kernels import hugepages
+from lmforge.utils import UserError, dir_size, human_bytes, human_count
 
 # --------------------------------------------------------------------------------------------- timing
 
@@ -80,7 +86,7 @@ def matmul_peak_flops(dtype=torch.float32, n: int = 2048, device="cpu") -> float
 def memory_bandwidth(device="cpu", mb: int = 512, huge: bool = True) -> float:
     """Achieved bytes/s reading a large buffer (a sum touches every byte once): the decode ceiling.
     On CPU the buffer is on huge pages where the OS has them, as lmforge's decode weights are
-    (lmforge/infer/hugepages.py); huge=False measures PyTorch's ordinary allocation."""
+    (lmforge/kernels/hugepages.py); huge=False measures PyTorch's ordinary allocation."""
     n = mb * 2**20 // 4
     if torch.device(device).type == "cpu" and huge and hugepages.available():
         x = hugepages.arena(n * 4).view(torch.float32).fill_(1.0)
@@ -132,8 +138,8 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
 
 
 def decode_weight_bytes(model) -> int:
-    """Bytes of weights a decode step reads: every parameter and persistent buffer once (shared
-    storage counted once), less the input embedding and position tables, of which a step reads one
+    """Bytes of weights a decode step reads: every parameter and persistent buffer once (a tensor
+    shared by two names counted once), less the input embedding and position tables, of which a step reads one
     row each (unless the embedding is tied to the output projection, which reads all of it)."""
     seen: dict[int, int] = {}
     head: set[int] = set()
@@ -143,8 +149,10 @@ def decode_weight_bytes(model) -> int:
     for name, t in named:
         if t.device.type == "meta":
             continue
-        key = t.untyped_storage().data_ptr()
-        seen[key] = t.untyped_storage().nbytes()
+        # Keyed by the tensor's own data, not its storage: lmforge.kernels places every weight in one
+        # huge-page arena (one storage), and a tied head is the same tensor as the embedding.
+        key = t.data_ptr()
+        seen[key] = t.numel() * t.element_size()
         if name.startswith("lm_head."):
             head.add(key)
         if name.startswith(("tok_emb.", "pos_emb.")):
@@ -156,29 +164,23 @@ def decode_weight_bytes(model) -> int:
 
 
 def bench_lm(
-    lm,
+    model,
+    tokenizer=None,
     *,
     batch_sizes: tuple[int, ...] = (1, 8, 32),
     prompt_len: int = 128,
     new_tokens: int = 64,
     quick: bool = False,
-    device: str = "auto",
-    dtype=None,
     seed: int = 0,
     mfu: bool | None = None,
     bandwidth_mb: int | None = None,
     verbose: bool = False,
 ) -> dict:
-    """Prefill/decode speed, time to first token, peak memory and % of roofline of `lm` (an LM or a
-    checkpoint path). quick: tiny sizes, for tests. mfu: also measure the matmul peak and report the
+    """Prefill/decode speed, time to first token, peak memory and % of roofline of `model` (random
+    token ids: the tokenizer, taken so that every evaluate function reads (model, tokenizer), is not
+    used). quick: tiny sizes, for tests. mfu: also measure the matmul peak and report the
     prefill MFU (default: on GPU only, where it is meaningful and cheap). bandwidth_mb: size of the
     buffer the bandwidth is measured on (default 256 MB on CPU, 1 GB on GPU)."""
-    from lmforge.evaluate.perplexity import as_lm
-    from lmforge.infer import Engine, SamplingParams, Sequence
-    from lmforge.utils import UserError, dir_size
-
-    lm = as_lm(lm, device, dtype)
-    model = lm.model if hasattr(lm, "model") else lm
     cfg = model.config
     dev = model.tok_emb.weight.device
     wdtype = model.tok_emb.weight.dtype
@@ -258,7 +260,7 @@ def bench_lm(
             row["prefill_mfu_pct"] = round(100 * prefill_tok_s * flops_tok / peak_flops, 3)
         rows.append(row)
         del engine
-    path = getattr(lm, "path", None)
+    path = getattr(model, "name_or_path", None)  # set by lmforge.load
     return {
         "checkpoint": str(path) if path is not None else None,
         "family": cfg.family,
@@ -280,9 +282,6 @@ def bench_lm(
 
 def format_bench(r: dict) -> str:
     """The bench result as a readable table (plus its header lines)."""
-    from lmforge.evaluate.report import format_table
-    from lmforge.utils import human_bytes, human_count
-
     size = human_bytes(r["size_on_disk_bytes"]) if r["size_on_disk_bytes"] is not None else "-"
     head = (
         f"{r['checkpoint'] or 'model'}: {r['family']}, {human_count(r['params'])} params, {r['dtype']} on "

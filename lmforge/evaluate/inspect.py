@@ -1,6 +1,6 @@
 """`lmforge inspect`: what a model does with a prompt, as pictures.
 
-    r = inspect_prompt(lm, "def add(a, b):\\n    return", "runs/q/inspect")
+    r = inspect_prompt(model, tok, "def add(a, b):\\n    return", "runs/q/inspect")
 
 Writes to the output directory:
 - token_loss.png            the loss of every prompt token (which tokens surprised the model), in bits
@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.evaluate.tasks import encode
+from lmforge.model import rope_inv_freq
 from lmforge.utils import UserError, atomic_write_text
 
 
@@ -160,8 +162,6 @@ def plot_next_tokens(path, labels: list[str], probs: list[float]) -> Path:
 
 def plot_rope(path, model, max_positions: int = 256) -> Path:
     """The cos table (positions x frequency index) and each frequency's wavelength in tokens."""
-    from lmforge.model import rope_inv_freq
-
     plt = _plt()
     cfg = model.config
     inv = rope_inv_freq(cfg).double()
@@ -205,21 +205,16 @@ def plot_positions(path, model, max_positions: int = 256) -> Path:
 
 
 def inspect_prompt(
-    lm,
+    model,
+    tokenizer,
     prompt: str,
     out,
     *,
     top_k: int = 10,
     layers: list[int] | None = None,
-    device: str = "auto",
-    dtype=None,
 ) -> dict:
     """Write the pictures of the module docstring for `prompt` under `out`; return their numbers."""
-    from lmforge.evaluate.perplexity import as_lm
-    from lmforge.evaluate.tasks import encode
-
-    lm = as_lm(lm, device, dtype)
-    tok, model = lm.tokenizer, lm.model
+    tok = tokenizer
     if tok is None:
         raise UserError("this checkpoint has no tokenizer (tokenizer.json); inspect needs one to show tokens")
     ids = encode(tok, prompt)

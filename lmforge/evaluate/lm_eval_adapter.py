@@ -30,9 +30,15 @@ from __future__ import annotations
 import sys
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models first: the registry only does so when empty)
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry, register_model
 from tqdm import tqdm
+
+from lmforge.evaluate.perplexity import sequence_nll
+from lmforge.evaluate.tasks import generate_greedy, prefix_id, score_continuations
+from lmforge.lm import load
+from lmforge.utils import UserError
 
 
 def _int_or_default(v, default: int) -> int:
@@ -61,14 +67,9 @@ class LMForgeLM(TemplateLM):
         **kwargs,
     ):
         super().__init__()
-        from lmforge.lm import load
-        from lmforge.utils import UserError
-
-        if lm is None:
+        if lm is None:  # lm-eval's CLI names a directory: this adapter is an entry point, like the CLI
             if pretrained is None:
                 raise UserError("lm-eval --model lmforge needs --model_args pretrained=CHECKPOINT_DIR")
-            import torch
-
             if str(device or "").startswith("cuda") and not torch.cuda.is_available():
                 # lm-eval's CLI passes --device cuda:0 unless told otherwise; like its HF model, fall back
                 print(
@@ -95,8 +96,6 @@ class LMForgeLM(TemplateLM):
 
     @property
     def prefix_token_id(self) -> int:
-        from lmforge.evaluate.tasks import prefix_id
-
         pre = prefix_id(self.tokenizer)
         return pre if pre is not None else self.eot_token_id
 
@@ -123,8 +122,6 @@ class LMForgeLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
-        from lmforge.evaluate.tasks import score_continuations
-
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         out: list[tuple[float, bool]] = []
         step = self.batch_size * 8
@@ -139,8 +136,6 @@ class LMForgeLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from lmforge.evaluate.perplexity import sequence_nll
-
         out = []
         for req in tqdm(requests, desc="lmforge loglikelihood_rolling", disable=disable_tqdm):
             (text,) = req.args
@@ -151,8 +146,6 @@ class LMForgeLM(TemplateLM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from lmforge.evaluate.tasks import generate_greedy
-
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             groups.setdefault(repr(sorted(req.args[1].items())), []).append(i)
@@ -169,7 +162,8 @@ class LMForgeLM(TemplateLM):
             for s in range(0, len(idx), self.batch_size):
                 chunk = idx[s : s + self.batch_size]
                 texts = generate_greedy(
-                    self.lm,
+                    self.lm.model,
+                    self.tokenizer,
                     [requests[i].args[0] for i in chunk],
                     max_new_tokens=max_new,
                     stop=until,

@@ -1,7 +1,7 @@
 """Loss, perplexity, bits per byte and next-token accuracy of a model on any text source.
 
     lm = lmforge.load("runs/quickstart/final")
-    r = evaluate_lm(lm, "python-docs", max_tokens=100_000)    # the held-out split by default
+    r = evaluate_lm(lm.model, lm.tokenizer, "python-docs", max_tokens=100_000)   # held-out split by default
     r["bits_per_byte"], r["perplexity"], r["accuracy"]
 
 Notable features
@@ -31,7 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from lmforge.data.document import doc_digest, is_validation
+from lmforge.data.prepare import read_meta
+from lmforge.data.sources import iter_documents
+from lmforge.evaluate.table import format_table
 from lmforge.utils import UserError
 
 SPLITS = ("val", "train", "all")
@@ -128,8 +133,6 @@ def is_prepared(path) -> bool:
 
 
 def _prepared_documents(path, tokenizer, split: str, max_docs: int | None) -> Iterator[np.ndarray]:
-    from lmforge.data.prepare import read_meta
-
     d = Path(os.path.expanduser(str(path)))
     meta = read_meta(d)
     if meta is None:
@@ -168,8 +171,6 @@ def _prepared_documents(path, tokenizer, split: str, max_docs: int | None) -> It
 def _source_documents(
     spec: str, tokenizer, split: str, text_field: str, val_fraction: float, max_docs: int | None
 ) -> Iterator[list[int]]:
-    from lmforge.data.sources import doc_digest, is_validation, iter_documents
-
     seen: set[bytes] = set()
     bos, eos = None, tokenizer.eos_id is not None  # BOS by the tokenizer's own rule, text, EOS
     batch: list[str] = []
@@ -283,8 +284,6 @@ def score_documents(
     if len(token_bytes) < cfg.vocab_size:  # the model's vocabulary may be padded past the tokenizer's
         token_bytes = np.pad(token_bytes, (0, cfg.vocab_size - len(token_bytes)))
     tot = Totals()
-    from tqdm import tqdm
-
     bar = tqdm(
         total=max_tokens or total,
         unit="tok",
@@ -329,17 +328,9 @@ def score_documents(
     return tot
 
 
-def as_lm(lm, device: str = "auto", dtype=None):
-    """`lm` itself, or the checkpoint it names loaded with lmforge.load."""
-    if isinstance(lm, (str, os.PathLike)):
-        from lmforge.lm import load
-
-        return load(lm, device=device, dtype=dtype)
-    return lm
-
-
 def evaluate_lm(
-    lm,
+    model,
+    tokenizer,
     data,
     *,
     split: str = "val",
@@ -351,24 +342,20 @@ def evaluate_lm(
     text_field: str = "text",
     val_fraction: float = 0.02,
     progress: bool = False,
-    device: str = "auto",
-    dtype=None,
 ) -> dict:
-    """Loss, perplexity, bits per byte and next-token accuracy of `lm` (an LM or a checkpoint path) on
-    `data` (a `data prepare` directory or a source spec); see the module docstring.
+    """Loss, perplexity, bits per byte and next-token accuracy of `model` (its `tokenizer` counts the
+    bytes) on `data` (a `data prepare` directory or a source spec); see the module docstring.
 
     split: val (held-out documents, default), train or all. max_tokens: stop after scoring this many
     targets. seq_len: window length (default the model's context). stride: tokens each later window
     moves (default seq_len: windows do not overlap).
     """
-    lm = as_lm(lm, device, dtype)
-    tok = lm.tokenizer
+    tok = tokenizer
     if tok is None:
         raise UserError(
             "this checkpoint has no tokenizer (tokenizer.json): bits per byte needs one to count bytes. "
             "Copy the tokenizer files into the checkpoint directory."
         )
-    model = lm.model
     seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
     if stride is not None and not 1 <= stride <= seq_len:
         raise UserError(f"--stride {stride}: must be between 1 and the window length {seq_len}")
@@ -378,8 +365,6 @@ def evaluate_lm(
     )
     total = None
     if is_prepared(data):
-        from lmforge.data.prepare import read_meta
-
         meta = read_meta(Path(os.path.expanduser(str(data))))
         names = ["val", "train"] if split == "all" else [split]
         # targets = tokens - documents
@@ -403,7 +388,7 @@ def evaluate_lm(
     if tot.tokens == 0:
         raise UserError(f"--data {data}: no tokens to score (every document is shorter than 2 tokens)")
     return {
-        "checkpoint": str(lm.path) if getattr(lm, "path", None) is not None else None,
+        "checkpoint": getattr(model, "name_or_path", None),  # set by lmforge.load
         "data": str(data),
         "split": split,
         **tot.metrics(),
@@ -419,8 +404,6 @@ def evaluate_lm(
 
 def format_metrics(r: dict) -> str:
     """A short readable table of an evaluate_lm result."""
-    from lmforge.evaluate.report import format_table
-
     rows = [
         ["loss (nats/token)", f"{r['loss']:.4f}"],
         ["perplexity", f"{r['perplexity']:.3f}"],

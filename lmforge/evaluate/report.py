@@ -1,6 +1,7 @@
 """`lmforge report`: variants of a model side by side, so the trade-off is seen at a glance.
 
-    r = compare_checkpoints(["runs/q/final", "runs/q/int8", "runs/q/pruned"], "python-docs", "runs/q/report")
+    paths = ["runs/q/final", "runs/q/int8", "runs/q/pruned"]
+    r = compare_checkpoints(load_each(paths), "python-docs", "runs/q/report", names=labels_for(paths))
 
 For each checkpoint (fp32, bf16, quantized, pruned, distilled, ...): size on disk, parameters, bits
 per byte and perplexity on the same data (same documents, same token budget), decode speed at batch 1
@@ -16,29 +17,17 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lmforge.utils import UserError, atomic_write_text, human_bytes, human_count
+from lmforge.evaluate.bench import bench_lm, machine
+from lmforge.evaluate.perplexity import evaluate_lm
+from lmforge.evaluate.table import format_table
+from lmforge.utils import UserError, atomic_write_text, dir_size, human_bytes, human_count
 
 PLOT_SIZE = (8, 5)  # inches; saved at PLOT_DPI, so every plot is 800 x 500 pixels
 PLOT_DPI = 100
-
-
-def format_table(columns: list[str], rows: list[list], markdown: bool = False) -> str:
-    """Columns aligned in plain text, or a GitHub markdown table."""
-    cells = [[str(c) for c in columns]] + [[str(c) for c in r] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells[1:]])
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-
-    def line(r):
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
-        ).rstrip()
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells[1:]])
 
 
 def labels_for(paths: list) -> list[str]:
@@ -82,7 +71,7 @@ def scatter_plot(path, xs, ys, labels, xlabel: str, ylabel: str, title: str, log
 
 
 def compare_checkpoints(
-    checkpoints: list,
+    models: Iterable,
     data,
     out,
     *,
@@ -94,32 +83,26 @@ def compare_checkpoints(
     val_fraction: float = 0.02,
     new_tokens: int = 32,
     prompt_len: int = 64,
-    device: str = "auto",
-    dtype=None,
     progress: bool = False,
 ) -> dict:
-    """Evaluate and benchmark each checkpoint; write report.md, report.json and the plots to `out`."""
-    from lmforge.evaluate.bench import bench_lm, machine
-    from lmforge.evaluate.perplexity import evaluate_lm
-    from lmforge.lm import load
-    from lmforge.utils import dir_size
-
-    if not checkpoints:
-        raise UserError("give at least one checkpoint")
-    names = names or labels_for(checkpoints)
-    if len(names) != len(checkpoints):
-        raise UserError(f"--names has {len(names)} names for {len(checkpoints)} checkpoints")
+    """Evaluate and benchmark each (model, tokenizer) of `models`; write report.md, report.json and the
+    plots to `out`. `models` is consumed one pair at a time, so a lazy iterable
+    (lmforge.lm.load_each(paths)) keeps one model in memory. names: one label per model (default:
+    labels_for the directories the models were loaded from)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, path in zip(names, checkpoints):
+    for i, (model, tokenizer) in enumerate(models):
+        path = getattr(model, "name_or_path", None)  # set by lmforge.load
+        name = names[i] if names is not None and i < len(names) else str(path or f"model {i + 1}")
+        # (without names, rows are labelled by labels_for their paths below, once all are known)
         if progress:
-            print(f"[{name}] {path}", file=sys.stderr, flush=True)
-        lm = load(path, device=device, dtype=dtype)
-        hf = json.loads((Path(path) / "config.json").read_text())
-        cfg_dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "?")
+            print(f"[{name}] {path or ''}", file=sys.stderr, flush=True)
+        if tokenizer is None:
+            raise UserError(f"{path or name}: no tokenizer (tokenizer.json); bits per byte needs one")
+        out.mkdir(parents=True, exist_ok=True)
         ev = evaluate_lm(
-            lm,
+            model,
+            tokenizer,
             data,
             split=split,
             max_tokens=max_tokens,
@@ -128,33 +111,41 @@ def compare_checkpoints(
             val_fraction=val_fraction,
             progress=progress,
         )
-        b = bench_lm(lm, batch_sizes=(1,), prompt_len=prompt_len, new_tokens=new_tokens, bandwidth_mb=64)[
-            "batches"
-        ][0]
+        b = bench_lm(model, batch_sizes=(1,), prompt_len=prompt_len, new_tokens=new_tokens, bandwidth_mb=64)
+        b = b["batches"][0]
+        quant = model.config.extra.get("quantization_config")
         rows.append(
             {
                 "name": name,
-                "checkpoint": str(path),
-                "stored_dtype": cfg_dtype,
-                "quantization": lm.config.extra.get("quantization_config", {}).get("quant_method")
-                if isinstance(lm.config.extra.get("quantization_config"), dict)
+                "checkpoint": path,
+                "stored_dtype": _stored_dtype(path, model),
+                "quantization": quant.get("method", quant.get("quant_method"))
+                if isinstance(quant, dict)
                 else None,
-                "size_on_disk_bytes": dir_size(path),
-                "params": lm.model.num_params(),
+                "size_on_disk_bytes": dir_size(path) if path is not None else _tensor_bytes(model),
+                "params": model.num_params(),
                 "bits_per_byte": ev["bits_per_byte"],
                 "perplexity": ev["perplexity"],
                 "loss": ev["loss"],
                 "accuracy": ev["accuracy"],
                 "tokens": ev["tokens"],
-                "tokenizer_hash": lm.tokenizer.hash,
+                "tokenizer_hash": tokenizer.hash,
                 "decode_tok_s": b["decode_tok_s"],
                 "ttft_ms": b["ttft_ms"],
                 "peak_memory_bytes": b["peak_memory_bytes"],
                 "roofline_pct": b["roofline_pct"],
             }
         )
-        del lm
+        del model, tokenizer
         gc.collect()
+    if not rows:
+        raise UserError("give at least one checkpoint")
+    if names is not None and len(names) != len(rows):
+        raise UserError(f"--names has {len(names)} names for {len(rows)} checkpoints")
+    paths = [r["checkpoint"] for r in rows]
+    if names is None and all(p is not None for p in paths):
+        for r, label in zip(rows, labels_for(paths)):  # known once every model has been read
+            r["name"] = label
     plots = write_plots(rows, out)
     result = {
         "data": str(data),
@@ -168,6 +159,20 @@ def compare_checkpoints(
     atomic_write_text(out / "report.json", json.dumps(result, indent=2))
     atomic_write_text(out / "report.md", render_markdown(result))
     return result
+
+
+def _stored_dtype(path, model) -> str:
+    """The dtype config.json says the weights are stored in, else the dtype they are loaded in."""
+    cfg = Path(path) / "config.json" if path is not None else None
+    if cfg is not None and cfg.is_file():
+        hf = json.loads(cfg.read_text())
+        return str(hf.get("torch_dtype") or hf.get("dtype") or "?")
+    return str(model.tok_emb.weight.dtype).replace("torch.", "")
+
+
+def _tensor_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers (the size of a model that was not loaded from disk)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def write_plots(rows: list[dict], out) -> list[Path]:

@@ -1,6 +1,6 @@
 """How fragile is a model? The same task under controlled, seeded perturbations of its inputs.
 
-    r = robustness_report(lm, "arc_easy.jsonl", seed=0)
+    r = robustness_report(model, tok, "arc_easy.jsonl", seed=0)
     print(format_robustness(r))      # acc per perturbation, and the drop from the clean input
 
 Each perturbation rewrites the context (multiple choice) or the prompt (generation) of every example;
@@ -23,6 +23,8 @@ import string
 import zlib
 from dataclasses import dataclass
 
+from lmforge.evaluate.table import format_table
+from lmforge.evaluate.tasks import MULTIPLE_CHOICE, Task, evaluate_task, load_task
 from lmforge.utils import UserError
 
 
@@ -121,22 +123,23 @@ def parse_perturbations(spec: str | None) -> tuple[Perturbation, ...]:
 
 
 def robustness_report(
-    lm, task, *, perturbations=DEFAULT, seed: int = 0, progress: bool = False, **kwargs
+    model, tokenizer, task, *, perturbations=DEFAULT, seed: int = 0, progress: bool = False, **kwargs
 ) -> dict:
     """The task's metrics under each perturbation, with the change from the clean input.
 
     kwargs go to evaluate_task (batch_size, max_examples, delimiter, max_new_tokens, stop, ...)."""
-    from lmforge.evaluate.perplexity import as_lm
-    from lmforge.evaluate.tasks import MULTIPLE_CHOICE, Task, evaluate_task, load_task
-
-    lm = as_lm(lm, kwargs.pop("device", "auto"), kwargs.pop("dtype", None))
     if not isinstance(task, Task):
         task = load_task(task, kwargs.get("max_examples"))
     metrics = ("acc", "acc_norm") if task.kind == MULTIPLE_CHOICE else ("exact_match",)
     rows = []
     for p in perturbations:
         r = evaluate_task(
-            lm, task, transform=lambda text, i, p=p: p(text, i, seed), progress=progress, **kwargs
+            model,
+            tokenizer,
+            task,
+            transform=lambda text, i, p=p: p(text, i, seed),
+            progress=progress,
+            **kwargs,
         )
         rows.append({"perturbation": p.name, "kind": p.kind, "rate": p.rate, **{m: r[m] for m in metrics}})
     clean = next((r for r in rows if r["kind"] == "clean"), rows[0])
@@ -160,8 +163,6 @@ def robustness_report(
 
 
 def format_robustness(r: dict) -> str:
-    from lmforge.evaluate.report import format_table
-
     cols = ["perturbation"]
     for m in r["metrics"]:
         cols += [m, f"Δ {m}"]

@@ -1,7 +1,7 @@
 """Tasks from local JSONL files: multiple choice by log-likelihood, and generation with exact match.
 
-    r = evaluate_task(lm, "hellaswag_val.jsonl")     # {"acc": ..., "acc_norm": ..., "n": ...}
-    r = evaluate_task(lm, "arithmetic.jsonl")        # {"exact_match": ..., "n": ...}
+    r = evaluate_task(model, tok, "hellaswag_val.jsonl")     # {"acc": ..., "acc_norm": ..., "n": ...}
+    r = evaluate_task(model, tok, "arithmetic.jsonl")        # {"exact_match": ..., "n": ...}
 
 Formats (one JSON object per line; the kind is recognised from the fields):
 - multiple choice: {"context": str, "choices": [str, ...], "label": int}. The label may also be the
@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from lmforge.evaluate.perplexity import forward_scores
+from lmforge.evaluate.table import format_table
+from lmforge.infer.generate import generate
 from lmforge.utils import UserError
 
 MULTIPLE_CHOICE, GENERATION = "multiple_choice", "generation"
@@ -189,8 +193,6 @@ def score_continuations(
     A pair longer than the context window keeps its last max_seq_len + 1 tokens (the oldest context
     goes, as in lm-eval). Batched longest first with right padding.
     """
-    from lmforge.evaluate.perplexity import forward_scores
-
     L = model.config.max_seq_len
     rows = []
     for ctx, cont in pairs:
@@ -214,14 +216,17 @@ def score_continuations(
     return out
 
 
-def loglikelihoods(lm, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[tuple[float, bool]]:
-    """(log-likelihood, greedy?) of each (context, continuation) text pair under `lm`."""
-    tok = _tokenizer(lm)
-    return score_continuations(lm.model, [encode_pair(tok, c, x) for c, x in pairs], batch_size)
+def loglikelihoods(
+    model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 16
+) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy?) of each (context, continuation) text pair under `model`."""
+    tok = _need_tokenizer(tokenizer)
+    return score_continuations(model, [encode_pair(tok, c, x) for c, x in pairs], batch_size)
 
 
 def generate_greedy(
-    lm,
+    model,
+    tokenizer,
     prompts: list[str],
     *,
     max_new_tokens: int = 32,
@@ -232,13 +237,12 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy continuations of `prompts` through the inference engine, cut before the first stop
     string; prompts too long for the context lose their oldest tokens (BOS kept)."""
-    from lmforge.infer import generate
-
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
         res = generate(
-            lm,
+            model,
+            tokenizer,
             chunk,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -250,10 +254,10 @@ def generate_greedy(
     return out
 
 
-def _tokenizer(lm):
-    if getattr(lm, "tokenizer", None) is None:
+def _need_tokenizer(tokenizer):
+    if tokenizer is None:
         raise UserError("this checkpoint has no tokenizer (tokenizer.json); tasks need one")
-    return lm.tokenizer
+    return tokenizer
 
 
 def _stderr(values: list[float]) -> float:
@@ -262,7 +266,8 @@ def _stderr(values: list[float]) -> float:
 
 
 def evaluate_task(
-    lm,
+    model,
+    tokenizer,
     task,
     *,
     batch_size: int = 16,
@@ -273,25 +278,18 @@ def evaluate_task(
     transform: Callable[[str, int], str] | None = None,
     keep_predictions: bool = False,
     progress: bool = False,
-    device: str = "auto",
-    dtype=None,
 ) -> dict:
-    """Score `lm` (an LM or a checkpoint path) on `task` (a Task or a JSONL path).
+    """Score `model` (with its `tokenizer`) on `task` (a Task or a JSONL path).
 
     Multiple choice: acc and acc_norm (with their standard errors). Generation: exact_match.
     transform(text, example index) rewrites each context/prompt first (the robustness report uses
     it); the choices and answers are left as they are.
     """
-    from lmforge.evaluate.perplexity import as_lm
-
-    lm = as_lm(lm, device, dtype)
-    tok = _tokenizer(lm)
+    tok = _need_tokenizer(tokenizer)
     if not isinstance(task, Task):
         task = load_task(task, max_examples)
     examples = task.examples[:max_examples] if max_examples is not None else task.examples
     fix = transform or (lambda text, i: text)
-    from tqdm import tqdm
-
     result: dict = {"task": task.name, "kind": task.kind, "n": len(examples)}
     if task.kind == MULTIPLE_CHOICE:
         pairs, owner = [], []
@@ -306,7 +304,7 @@ def evaluate_task(
         )
         step = max(batch_size * 8, 1)
         for s in range(0, len(pairs), step):
-            scores.extend(score_continuations(lm.model, pairs[s : s + step], batch_size))
+            scores.extend(score_continuations(model, pairs[s : s + step], batch_size))
             bar.update(len(pairs[s : s + step]))
         bar.close()
         acc, acc_norm, preds = [], [], []
@@ -334,7 +332,8 @@ def evaluate_task(
         for s in range(0, len(prompts), batch_size):
             outs.extend(
                 generate_greedy(
-                    lm,
+                    model,
+                    tok,
                     prompts[s : s + batch_size],
                     max_new_tokens=max_new_tokens,
                     stop=stop,
@@ -354,8 +353,6 @@ def evaluate_task(
 
 
 def format_task(r: dict) -> str:
-    from lmforge.evaluate.report import format_table
-
     if r["kind"] == MULTIPLE_CHOICE:
         rows = [
             ["acc", f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"],

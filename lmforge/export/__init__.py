@@ -6,8 +6,10 @@
     export("runs/quickstart/final", "gguf", dtype="q4_k_m")      # llama.cpp's own quantizer
     export("runs/quickstart/final", "ollama")                    # -> runs/quickstart/final-ollama/
 
-Each format lives in its own module (onnx.py, gguf.py, ollama.py) and imports its runtime lazily;
-onnx_runner.py generates greedily from an ONNX export with onnxruntime alone. See docs/export.md.
+Each format lives in its own module (onnx.py, gguf.py, ollama.py), imported when it is asked for (so
+that `lmforge --help` does not import torch); targets.py holds the formats, weight types and output
+checks they share. onnx_runner.py generates greedily from an ONNX export with onnxruntime alone.
+See docs/export.md.
 """
 
 from __future__ import annotations
@@ -15,49 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lmforge.export.targets import FORMATS, GGUF_DTYPES, QUANT_TYPES, check_out_path, default_out
 from lmforge.utils import UserError
-
-FORMATS = ("onnx", "gguf", "ollama")
-# llama.cpp's quantization types, made by its own quantizer (lmforge.export.llama_cpp.quantize), with the
-# number of its `llama_ftype`. The k-quants (_k) need rows of 256 values (else a 32-block fallback).
-QUANT_TYPES = {
-    "q4_0": 2,
-    "q4_1": 3,
-    "q5_0": 8,
-    "q5_1": 9,
-    "q2_k": 10,
-    "q3_k_m": 12,
-    "q4_k_s": 14,
-    "q4_k_m": 15,
-    "q5_k_s": 16,
-    "q5_k_m": 17,
-    "q6_k": 18,
-}
-# Types lmforge writes itself, then llama.cpp's (also gguf.DTYPES; here to check options without imports).
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", *QUANT_TYPES)
-
-
-def check_out_path(out: Path, kind: str = "file") -> None:
-    """Fail early (before any work) when `out` cannot be written."""
-    if out.exists() and (out.is_dir() if kind == "file" else not out.is_dir()):
-        raise UserError(
-            f"{out}: exists and is a {'directory' if kind == 'file' else 'file'}; give a {kind} path"
-        )
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{out}: cannot be created, {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{out}: cannot be written, {parent} is not writable")
-
-
-def default_out(checkpoint: str | os.PathLike, fmt: str, dtype: str | None = None) -> Path:
-    """Where an export goes when --out is not given: next to the checkpoint directory."""
-    p = Path(checkpoint).resolve()
-    if fmt == "gguf":
-        return p.with_name(f"{p.name}-{dtype or 'f16'}.gguf")
-    return p.with_name(f"{p.name}-{fmt}")
 
 
 def export(
@@ -97,6 +58,8 @@ def export(
         dtype = dtype or "f16"
         if dtype not in GGUF_DTYPES:
             raise UserError(f"--dtype {dtype!r}: {fmt} export writes {', '.join(GGUF_DTYPES)}")
+    # Imported here, like the format modules below: importing the package (and so lmforge.export.targets,
+    # where the CLI reads its choices) must not import torch.
     from lmforge.checkpoint import read_config
 
     if read_config(checkpoint).extra.get(
@@ -120,4 +83,4 @@ def export(
     return export_ollama(checkpoint, out, dtype=dtype, calibration=calibration)
 
 
-__all__ = ["FORMATS", "GGUF_DTYPES", "QUANT_TYPES", "default_out", "export"]
+__all__ = ["FORMATS", "GGUF_DTYPES", "QUANT_TYPES", "check_out_path", "default_out", "export"]

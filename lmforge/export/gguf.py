@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.export import GGUF_DTYPES, QUANT_TYPES, check_out_path
+from lmforge.export.targets import GGUF_DTYPES, QUANT_TYPES, check_out_path
 from lmforge.utils import UserError
 
 DTYPES = GGUF_DTYPES

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.export import check_out_path
+from lmforge.export.targets import check_out_path
 from lmforge.utils import UserError, atomic_dir
 
 DTYPES = ("f32", "f16", "bf16")  # the factors are small; llama.cpp's converter writes f32 by default

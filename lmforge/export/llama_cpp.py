@@ -236,7 +236,7 @@ def quantize(
     """llama.cpp's quantizer (`llama_model_quantize`, as the llama-quantize tool runs it) from the f32/f16
     GGUF `src` to `dst` with type `qtype` (a key of lmforge.export.QUANT_TYPES: q4_0, q4_k_m, ...).
     imatrix: {GGUF tensor name: (in_features,) float32 mean squared activations} or None."""
-    from lmforge.export import QUANT_TYPES
+    from lmforge.export.targets import QUANT_TYPES
 
     ffi, lib = _bindings()
     _quiet(ffi, lib)

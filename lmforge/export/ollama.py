@@ -23,8 +23,8 @@ import re
 import warnings
 from pathlib import Path
 
-from lmforge.export import check_out_path
 from lmforge.export.gguf import DTYPES, _load, export_gguf, stop_ids
+from lmforge.export.targets import check_out_path
 from lmforge.lm import LM
 from lmforge.utils import UserError, atomic_dir
 

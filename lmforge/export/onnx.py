@@ -36,7 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmforge.export import check_out_path
+from lmforge import kernels
+from lmforge.export.targets import check_out_path
+from lmforge.kernels.decode import DecodeAttention, DecodeLinear
 from lmforge.utils import UserError, atomic_dir
 
 MANIFEST = "lmforge_onnx.json"
@@ -66,16 +68,13 @@ def _dense_moe_forward(self, x: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def traceable(model: nn.Module):
     """Swap the parts of `model` a static graph cannot hold for equivalent ones (MoE: dense experts;
-    PyTorch's attention for lmforge's CPU decode kernel, set when the model was used for generation),
-    in eval mode; the model is restored afterwards."""
-    from lmforge.model import Attention, MoE
+    plain modules for lmforge's CPU decode kernels, installed by lmforge.load), in eval mode; the
+    model is restored afterwards (kernels reinstalled)."""
+    from lmforge.model import MoE
 
     swapped = [m for m in model.modules() if isinstance(m, MoE)]
-    kernels = {
-        m: m.__dict__.pop("decode_kernel")
-        for m in model.modules()
-        if isinstance(m, Attention) and "decode_kernel" in m.__dict__
-    }
+    had_kernels = any(isinstance(m, (DecodeLinear, DecodeAttention)) for m in model.modules())
+    kernels.uninstall(model)
     training = model.training
     model.eval()  # no dropout in the graph
     for m in swapped:
@@ -85,8 +84,8 @@ def traceable(model: nn.Module):
     finally:
         for m in swapped:
             del m.forward
-        for m, k in kernels.items():
-            m.decode_kernel = k
+        if had_kernels:
+            kernels.install(model)
         model.train(training)
 
 

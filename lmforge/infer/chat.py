@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from lmforge.infer.generate import load_draft, stream
+from lmforge.infer.generate import stream
 from lmforge.infer.sampling import SamplingParams
 from lmforge.utils import UserError
 
@@ -41,7 +41,8 @@ def fit_conversation(
 
 
 def chat(
-    lm,
+    model,
+    tokenizer,
     params: SamplingParams | None = None,
     *,
     system: str | None = None,
@@ -52,19 +53,25 @@ def chat(
     template_kwargs: dict | None = None,
     tools: list[dict] | None = None,
 ) -> None:
-    """Run the chat loop until /quit or end of input. `template_kwargs` (e.g. {"enable_thinking": False})
-    and `tools` (OpenAI function schemas) are passed to the chat template."""
+    """Run the chat loop with `model` and `tokenizer` until /quit or end of input; `draft` (a smaller
+    Transformer) decodes speculatively. `template_kwargs` (e.g. {"enable_thinking": False})
+    and `tools` (OpenAI function schemas) are passed to the chat template.
+
+    Args:
+        system: a system message that starts every conversation
+        draft: a smaller checkpoint with the same tokenizer for speculative decoding
+        template_kwargs: a keyword argument for the chat template, VALUE read as JSON when it parses (e.g.
+            enable_thinking=false for Qwen3); repeat for more
+    """
     input, output, err = input or sys.stdin, output or sys.stdout, err or sys.stderr
-    tok = lm.tokenizer
+    tok = tokenizer
+    where = f"{model.name_or_path}: " if getattr(model, "name_or_path", None) else ""
     if tok is None:
-        raise UserError(f"{lm.path}: the checkpoint has no tokenizer (tokenizer.json); chat needs one")
+        raise UserError(f"{where}the checkpoint has no tokenizer (tokenizer.json); chat needs one")
     if not tok.chat_template:
-        raise UserError(
-            f"{lm.path}: the tokenizer has no chat template; chat needs one (see lmforge tokenizer)"
-        )
+        raise UserError(f"{where}the tokenizer has no chat template; chat needs one (see lmforge tokenizer)")
     params = params or SamplingParams()
-    draft = load_draft(draft, lm)  # once, not per turn
-    ctx = lm.config.max_seq_len
+    ctx = model.config.max_seq_len
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     interactive = hasattr(input, "isatty") and input.isatty()
@@ -112,7 +119,7 @@ def chat(
                 flush=True,
             )
         reply = []
-        for piece in stream(lm, ids, params=params, draft=draft):
+        for piece in stream(model, tok, ids, params, draft=draft):
             output.write(piece)
             output.flush()
             reply.append(piece)

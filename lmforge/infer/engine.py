@@ -39,11 +39,11 @@ import types
 import torch
 
 from lmforge.cache import KVCache, make_mask
-from lmforge.infer import packed, rows
 from lmforge.infer.kv_budget import plan_kv_cache
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import Sampler
 from lmforge.infer.sequence import Sequence, TokenLogprob
+from lmforge.kernels import rows
 from lmforge.utils import UserError
 
 
@@ -135,10 +135,17 @@ class Engine:
     kv_cache_memory: the KV cache's budget: bytes, "2GiB", or a fraction of the available memory
         (default: kv_budget.default_budget, a share of the machine's free memory).
     compile: run the decode step through torch.compile with CUDA graphs; None = on CUDA only.
-    cpu_pack: on CPU, set the Linear layers up for fast decode matmuls (packed.py: lmforge's decode
-        kernel, weights moved into huge pages; changes the model's weight storage in place).
     prefix_cache: reuse the K/V of prompt prefixes seen recently (True: an LRU of
         max(max_len, max_batch * max_len / 2) tokens; an int: that many tokens; False: off).
+    skip_idle_tail: eager decode steps run rows [0, last busy row] only (the server's engines): a
+        server sized for its peak load is mostly less busy than that, and on a CPU an empty row costs
+        as much as a busy one (a 1-of-32 step of the tiny model is ~3x a 1-row step). New requests take
+        the lowest free rows, so the busy rows gather at the front; rows past the last busy one neither
+        compute nor advance, and a request joining one resets it (_prefill_row). Same tokens either
+        way. Compiled steps (CUDA graphs: fixed shapes) always decode every row.
+
+    The engine never changes the model: its fast CPU kernels are the caller's choice, installed on the
+    model beforehand (`lmforge.kernels.install`, which `lmforge.load` does).
     """
 
     def __init__(
@@ -149,12 +156,13 @@ class Engine:
         max_len: int | None = None,
         compile: bool | None = None,
         cache_dtype: torch.dtype | None = None,
-        cpu_pack: bool = True,
         kv_cache_memory=None,
         prefix_cache: bool | int = False,
+        skip_idle_tail: bool = False,
     ):
         cfg = model.config
         self.model, self.tokenizer = model, tokenizer
+        self.skip_idle_tail = skip_idle_tail
         self.device = model.tok_emb.weight.device
         dtype = cache_dtype or model.tok_emb.weight.dtype
         _, self.max_len, self.kv_bytes = plan_kv_cache(
@@ -189,15 +197,12 @@ class Engine:
         }
         if compile is None:
             compile = self.device.type == "cuda"
-        # On CPU the compiled step calls lmforge's decode kernel like the eager one (packed.py). Without
-        # the kernel, fp32 keeps the transposed weight storage (inductor's matmuls read it as it is) and
-        # bf16 lets inductor's freezing pack the weights for oneDNN instead.
+        # On CPU the compiled step calls lmforge's decode kernel like the eager one, on a model whose
+        # kernels are installed (lmforge.kernels). Without the kernel, fp32 keeps the weight storage
+        # install chose (inductor's matmuls read it as it is) and bf16 lets inductor's freezing pack the
+        # weights for oneDNN (DecodeLinear leaves its own packing out of compiled graphs).
         cpu = self.device.type == "cpu"
         freeze = cpu and compile and not rows.available() and model.tok_emb.weight.dtype != torch.float32
-        if freeze:
-            packed.restore(model)  # an earlier engine's set-up: freezing packs the weights itself
-        elif cpu and cpu_pack:
-            packed.prepare(model, max_rows=max_batch)
         self._step_fn = None
         if compile:
             self._static = _StaticStep(self.cache)
@@ -290,6 +295,14 @@ class Engine:
                 self._retire(i)
                 return True
         return False
+
+    def clear(self) -> list[Sequence]:
+        """Free every row (e.g. after an error in a step); returns the sequences that held one."""
+        dropped = [r for r in self.rows if r is not None]
+        for i, r in enumerate(self.rows):
+            if r is not None:
+                self._retire(i)
+        return dropped
 
     # ------------------------------------------------------------------ admission (prefill)
     @torch.inference_mode()
@@ -493,9 +506,6 @@ class Engine:
                 self._retire(r, store=True)
             out.append(seq)
         return out
-
-    # Decode only rows [0, last busy row] (eager steps): see ServingEngine (serve/scheduler.py).
-    skip_idle_tail = False
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:

@@ -1,11 +1,14 @@
 """`generate` and `stream`: prompts in, text (or token ids) out, in the shape they came in.
 
     lm = lmforge.load("runs/quickstart/final")
-    lm.generate("def add(a, b):", max_new_tokens=32, temperature=0)   # -> str
-    lm.generate(["a", "b"], temperature=0.8, seed=0)                  # -> [str, str]
-    lm.generate([1, 2, 3], max_new_tokens=8)                           # token ids in -> generated ids out
-    for piece in lm.stream("Once upon a time", stop=["\\n\\n"]):
+    generate(lm.model, lm.tokenizer, "def add(a, b):", max_new_tokens=32, temperature=0)   # -> str
+    generate(model, tok, ["a", "b"], temperature=0.8, seed=0)           # -> [str, str]
+    generate(model, None, [1, 2, 3], max_new_tokens=8)                  # token ids in -> generated ids out
+    for piece in stream(model, tok, "Once upon a time", stop=["\\n\\n"]):
         print(piece, end="", flush=True)
+
+`lm.generate(...)` / `lm.stream(...)` are the same with the LM's model and tokenizer. The model and its
+draft are Transformers the caller loaded (lmforge.load turns paths into them); nothing here reads a path.
 
 A batch of prompts decodes together (left-padded, see engine.py) and gives what each prompt gives
 alone. A prompt whose length plus max_new_tokens exceeds the model's context is an error naming both
@@ -22,6 +25,7 @@ import torch
 from lmforge.infer.engine import Engine
 from lmforge.infer.sampling import SamplingParams
 from lmforge.infer.sequence import Sequence
+from lmforge.infer.speculative import SpeculativeDecoder
 from lmforge.utils import UserError
 
 _FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -50,11 +54,6 @@ def make_params(params: SamplingParams | None = None, **kwargs) -> SamplingParam
     if params is None:
         return SamplingParams(**kwargs)
     return dataclasses.replace(params, **kwargs) if kwargs else params
-
-
-def _parts(lm):
-    """(model, tokenizer) of an LM, or of a bare Transformer (no tokenizer)."""
-    return (lm.model, lm.tokenizer) if hasattr(lm, "model") else (lm, None)
 
 
 def encode_prompts(prompt, tokenizer) -> tuple[list[list[int]], bool, bool]:
@@ -104,20 +103,19 @@ def fit_context(
     return head + ids[n - (keep - len(head)) :]
 
 
-def load_draft(draft, lm):
-    """The draft model: given as an LM or Transformer, or a checkpoint path loaded like the target."""
-    if draft is None or hasattr(draft, "config") or hasattr(draft, "model"):
-        return _parts(draft)[0] if draft is not None else None
-    from lmforge.lm import load
-
-    return load(draft, device=str(lm.device), dtype=lm.dtype).model
-
-
 def _run(
-    lm, prompt, params, *, draft=None, draft_tokens=4, truncate=None, compile=None, kv_cache_memory=None
+    model,
+    tok,
+    prompt,
+    params,
+    *,
+    draft=None,
+    draft_tokens=4,
+    truncate=None,
+    compile=None,
+    kv_cache_memory=None,
 ):
     """Shared by generate and stream: yields each Sequence whenever it gets new tokens, then the list."""
-    model, tok = _parts(lm)
     prompts, single, text = encode_prompts(prompt, tok)
     ctx = model.config.max_seq_len
     bos = tok.bos_id if tok is not None else model.config.bos_token_id
@@ -126,11 +124,8 @@ def _run(
     device = model.tok_emb.weight.device
     # One generator per call, shared by all rows: a seed reproduces the whole call.
     gen = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
-    dm = load_draft(draft, lm)
-    if dm is not None:
-        from lmforge.infer.speculative import SpeculativeDecoder
-
-        spec = SpeculativeDecoder(model, dm, tok, draft_tokens)
+    if draft is not None:
+        spec = SpeculativeDecoder(model, draft, tok, draft_tokens)
         for s in seqs:
             yield from spec.run(s, gen)
         stats = dict(spec.stats, acceptance_rate=spec.acceptance_rate)
@@ -153,10 +148,11 @@ def _run(
 
 
 def generate(
-    lm,
+    model,
+    tokenizer,
     prompt,
-    *,
     params: SamplingParams | None = None,
+    *,
     draft=None,
     draft_tokens: int = 4,
     truncate: str | None = None,
@@ -165,13 +161,14 @@ def generate(
     kv_cache_memory=None,
     **kwargs,
 ):
-    """Generate from `prompt` (a string, a list of strings, token ids, or a list of id lists).
+    """Generate from `prompt` (a string, a list of strings, token ids, or a list of id lists) with
+    `model` (a Transformer) and `tokenizer` (None: prompts must be token ids).
 
     kwargs are SamplingParams fields: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
     repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed,
     num_samples, stop, stop_token_ids, ignore_eos, logprobs / prompt_logprobs (see Completion),
     grammar (lmforge.infer.grammar.Grammar: JSON schema, regex, choice).
-    draft: a smaller model (LM, Transformer or checkpoint path) for speculative decoding.
+    draft: a smaller Transformer (same vocabulary) for speculative decoding.
     truncate: "left" to drop the oldest prompt tokens when prompt + max_new_tokens exceeds the context.
     details: return Completion objects (ids, finish reason, timings, logprobs) instead of text.
     kv_cache_memory: the KV cache's budget (bytes, "2GiB", a fraction of free memory); a batch whose
@@ -182,7 +179,8 @@ def generate(
     """
     params = make_params(params, **kwargs)
     *_, (seqs, single, text, stats) = _run(
-        lm,
+        model,
+        tokenizer,
         prompt,
         params,
         draft=draft,
@@ -194,7 +192,7 @@ def generate(
     if details:
         outs = [
             Completion(
-                s.text if _parts(lm)[1] is not None else None,
+                s.text if tokenizer is not None else None,
                 s.token_ids,
                 s.finish_reason,
                 len(s.prompt_ids),
@@ -215,10 +213,10 @@ class TextStream:
     """What `stream` returns: iterate it for the pieces; afterwards `.finish_reason`, `.token_ids` and
     `.stats` (timings; acceptance_rate with a draft model) describe the generation."""
 
-    def __init__(self, lm, prompt, params: SamplingParams, **run_kw):
+    def __init__(self, model, tokenizer, prompt, params: SamplingParams, **run_kw):
         self.sequence: Sequence | None = None
         self.stats: dict = {}
-        self._it = self._pieces(lm, prompt, params, run_kw)
+        self._it = self._pieces(model, tokenizer, prompt, params, run_kw)
 
     @property
     def token_ids(self) -> list[int]:
@@ -234,9 +232,9 @@ class TextStream:
     def __next__(self):
         return next(self._it)
 
-    def _pieces(self, lm, prompt, params, run_kw):
-        has_text, sent = _parts(lm)[1] is not None, 0
-        for item in _run(lm, prompt, params, **run_kw):
+    def _pieces(self, model, tokenizer, prompt, params, run_kw):
+        has_text, sent = tokenizer is not None, 0
+        for item in _run(model, tokenizer, prompt, params, **run_kw):
             if not isinstance(item, Sequence):
                 self.stats = item[-1]
                 break
@@ -251,10 +249,11 @@ class TextStream:
 
 
 def stream(
-    lm,
+    model,
+    tokenizer,
     prompt,
-    *,
     params: SamplingParams | None = None,
+    *,
     draft=None,
     draft_tokens: int = 4,
     truncate: str | None = None,
@@ -268,11 +267,12 @@ def stream(
     params = make_params(params, **kwargs)
     if params.num_samples != 1:
         raise UserError("stream() generates one sample; use generate(..., num_samples=n) for several")
-    prompts, _, _ = encode_prompts(prompt, _parts(lm)[1])
+    prompts, _, _ = encode_prompts(prompt, tokenizer)
     if len(prompts) != 1:
         raise UserError("stream() takes one prompt; use generate() for a batch")
     return TextStream(
-        lm,
+        model,
+        tokenizer,
         prompt,
         params,
         draft=draft,

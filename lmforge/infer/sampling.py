@@ -63,13 +63,14 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     """subtracted from a token's logit once per time it was generated, in [-2, 2] (OpenAI's; 0: off)"""
     logit_bias: dict[int, float] = field(default_factory=dict)
-    """token id -> value in [-100, 100] added to its logit before sampling (OpenAI's logit_bias)"""
+    """token id -> value in [-100, 100] added to its logit before sampling (OpenAI's logit_bias; -100 bans
+    a token, 100 forces it); on the command line ID=BIAS, repeatable"""
     seed: int | None = None
     """seed of this request's random generator (None: torch's global generator)"""
     num_samples: int = 1
     """independent samples per prompt"""
     stop: tuple[str, ...] = ()
-    """strings that end generation; the text is cut before them"""
+    """strings that end generation; the text is cut before them (repeatable: --stop A --stop B)"""
     stop_token_ids: tuple[int, ...] = ()
     """token ids that end generation (besides EOS)"""
     ignore_eos: bool = False

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 import torch
 
 from lmforge.cache import KVCache
-from lmforge.infer import packed
 from lmforge.infer.engine import stop_token_ids
 from lmforge.infer.sampling import Sampler
 from lmforge.infer.sequence import Sequence
@@ -65,10 +64,7 @@ class SpeculativeDecoder:
                 "speculative decoding needs the same tokenizer"
             )
         self.target, self.draft, self.tokenizer, self.k = target, draft, tokenizer, k
-        self.device = target.tok_emb.weight.device
-        if self.device.type == "cpu":  # fast few-row matmuls: k + 1 verified rows, 1-2 drafted ones
-            packed.prepare(target, max_rows=k + 1)
-            packed.prepare(draft, max_rows=2)
+        self.device = target.tok_emb.weight.device  # fast CPU kernels: the caller's (lmforge.kernels)
         self.stats = {
             "drafted": 0,
             "accepted": 0,

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -120,25 +122,54 @@ def serve(
     max_batch: int = 8,
     max_queue: int = 256,
     cors_origins: list[str] = (),
-    loras: list[tuple[str, str]] = (),
+    loras: dict[str, str] | None = None,
     device: str = "auto",
-    dtype=None,
+    dtype: str | None = None,
     model_name: str | None = None,
     drain_timeout: float = 30.0,
-    log_level: str = "info",
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
     max_len: int | None = None,
-    kv_cache_memory=None,
+    kv_cache_memory: str | None = None,
     prefix_cache: bool = True,
     keep_alive_timeout: float = 5.0,
     header_timeout: float = 10.0,
     body_timeout: float = 30.0,
 ) -> None:
     """`lmforge serve`: load the model(s), then run uvicorn until SIGINT/SIGTERM; on a signal, stop taking
-    new requests (503, /health too), let running ones finish (at most drain_timeout s), exit."""
+    new requests (503, /health too), let running ones finish (at most drain_timeout s), exit.
+
+    Args:
+        checkpoint: an lmforge or Hugging Face model directory with a tokenizer
+        host: address to listen on (default: 127.0.0.1; 0.0.0.0 for every interface)
+        port: TCP port
+        api_key: require 'Authorization: Bearer KEY' on every route but /health and the page (default: the
+            LMFORGE_API_KEY environment variable; unset = no key)
+        max_batch: rows decoded together per model: the most concurrent sequences
+        max_queue: requests that may wait for a free row; more are refused with 429
+        cors_origins: allow browser pages from this origin (comma-separated or repeated; '*' for any)
+        loras: also serve a LoRA adapter of this checkpoint as model NAME (repeatable; each costs a merged
+            copy of the weights and its own KV cache)
+        model_name: model id of the checkpoint in the API (default: the directory's name)
+        drain_timeout: seconds to let running requests finish on shutdown
+        log_level: uvicorn log level
+        max_len: KV-cache slots per row: the most tokens (prompt + output) one request may hold (default:
+            what --kv-cache-memory allows, up to the model's context)
+        kv_cache_memory: memory for the KV cache of each model: a size (2GiB, 512MB) or a fraction of the
+            free memory (0.5) (default: a budget that fits the machine; startup prints what was allocated)
+        prefix_cache: reuse the KV cache of prompt prefixes seen recently (shared system prompts, earlier
+            turns of a conversation)
+        keep_alive_timeout: seconds an idle keep-alive connection stays open
+        header_timeout: seconds a client has to send a request's headers once connected
+        body_timeout: seconds a client may pause while sending a request body before a 408
+    """
     import uvicorn
 
     from lmforge.serve.connection import guarded_h11
 
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: must be in 1..65535")
+    api_key = api_key or os.environ.get("LMFORGE_API_KEY") or None
+    cors_origins = [o.strip() for spec in cors_origins for o in spec.split(",") if o.strip()]
     if max_queue < 1:  # checked again by create_app; here before the (slow) model loading
         raise UserError(f"--max-queue {max_queue}: must be >= 1")
     for name, v in (
@@ -154,7 +185,7 @@ def serve(
         dtype=dtype,
         max_batch=max_batch,
         model_name=model_name,
-        loras=loras,
+        loras=list((loras or {}).items()),
         max_len=max_len,
         kv_cache_memory=kv_cache_memory,
         prefix_cache=prefix_cache,

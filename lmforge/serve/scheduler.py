@@ -22,8 +22,9 @@ only grows its own asyncio queue.
 Several models (a base and its LoRA variants) are several engines in the same thread, stepped in turn;
 on a CPU this is as fast as separate threads, and it keeps one owner for all of them.
 
-The server's engines are `ServingEngine`s: an Engine whose uncompiled decode step skips the empty rows
-at the end of the batch (see its docstring). Empty rows' positions stay in range (Engine._park_idle_rows).
+The server's engines are built with `Engine(..., skip_idle_tail=True)`: an uncompiled decode step skips
+the empty rows at the end of the batch (see Engine). Empty rows' positions stay in range
+(Engine._park_idle_rows).
 """
 
 from __future__ import annotations
@@ -390,9 +391,7 @@ class Scheduler:
             for req in list(reqs):
                 out.setdefault(req, []).append(Failure(message))
                 self._finish(req, "error", out)
-            for i, r in enumerate(engine.rows):
-                if r is not None:
-                    engine._retire(i)
+            engine.clear()
         self._owner.clear()
         self._deliver(out)
 
@@ -409,20 +408,6 @@ class Scheduler:
                 out.setdefault(req, []).append(Failure("the server shut down", internal=False))
                 self._finish(req, "cancelled", out)
         self._deliver(out)
-
-
-class ServingEngine(Engine):
-    """An Engine whose decode step skips the empty rows at the end of the batch.
-
-    Engine.step decodes all max_batch rows (fixed shapes, which CUDA graphs need). A server sized for
-    its peak load is mostly less busy than that, and on a CPU an empty row costs as much as a busy one
-    (a 1-of-32 step of the tiny model is ~3x a 1-row step). New requests take the lowest free rows, so
-    the busy rows gather at the front: without CUDA graphs, this step runs rows [0, k) only, k = last
-    busy row + 1, through a row view of the cache (as Engine._prefill_row does). Rows k.. neither
-    compute nor advance; a request joining one resets it (_prefill_row). Same tokens as Engine.step.
-    """
-
-    skip_idle_tail = True
 
 
 def _new_logprobs(req: Request, i: int, seq: Sequence) -> tuple[list, list | None]:

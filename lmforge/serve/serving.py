@@ -30,11 +30,12 @@ from pathlib import Path
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
+from lmforge import kernels
 from lmforge.infer.engine import Engine
 from lmforge.serve import schema as S
 from lmforge.serve.errors import APIError
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.scheduler import Failure, NotAccepting, QueueFull, Request, Scheduler, ServingEngine
+from lmforge.serve.scheduler import Failure, NotAccepting, QueueFull, Request, Scheduler
 from lmforge.utils import UserError
 
 _LONG_TEXT = 20_000  # characters; longer texts are tokenized off the event loop
@@ -71,17 +72,17 @@ class ServedModel:
         )
 
 
-def _engine(
-    model, tokenizer, max_batch: int, max_len: int | None, memory, prefix_cache: bool
-) -> ServingEngine:
-    """A ServingEngine whose KV cache fits `memory` (kv_budget.plan_kv_cache; default: the machine)."""
-    return ServingEngine(
-        model,
+def _engine(model, tokenizer, max_batch: int, max_len: int | None, memory, prefix_cache: bool) -> Engine:
+    """An engine for the server (idle rows at the end skipped) on `model` with its decode kernels
+    installed, whose KV cache fits `memory` (kv_budget.plan_kv_cache; default: the machine)."""
+    return Engine(
+        kernels.install(model),
         tokenizer,
         max_batch=max_batch,
         max_len=max_len,
         kv_cache_memory=memory,
         prefix_cache=prefix_cache,
+        skip_idle_tail=True,
     )
 
 

@@ -4,10 +4,10 @@ or many (DDP, FSDP2), with exact resume, evaluation, logging and a time-budget p
     from lmforge.train import load_config, train
     summary = train(load_config("configs/tiny-cpu.yaml", {"train.max_steps": 200}))
 
-Files: config.py (RunConfig, YAML/CLI), optim.py (AdamW groups, schedules), loop.py (train),
-checkpointing.py (training state), lora.py (adapters, merging), distributed.py (torchrun, DDP/FSDP2),
-data.py (loaders), validate.py (loss, bits per byte, samples), metrics.py (logs, plots, MFU),
-budget.py (--time-budget).
+Files: config.py (RunConfig, YAML/CLI, --resume), optim.py (AdamW groups, schedules), trainer.py
+(train, the Trainer), state.py (trainer state: the Checkpointer), lora.py (adapters, merging),
+distributed.py (torchrun, DDP/FSDP2), data.py (loaders), validate.py (loss, bits per byte, samples),
+metrics.py (logs, plots, MFU), budget.py (--time-budget).
 """
 
 import importlib
@@ -16,8 +16,9 @@ import importlib
 _EXPORTS = {
     "RunConfig": "config",
     "load_config": "config",
-    "train": "loop",
-    "TrainingDiverged": "loop",
+    "train": "trainer",
+    "Trainer": "trainer",
+    "TrainingDiverged": "trainer",
     "apply_lora": "lora",
     "load_adapter": "lora",
     "load_lora_model": "lora",

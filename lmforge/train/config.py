@@ -12,26 +12,16 @@ help cannot drift from the code. `model:` takes family/size/init_from plus any M
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import re
-import textwrap
-import types
-import typing
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from lmforge.config import ModelConfig
-
-
-def UserError(message: str):  # noqa: N802 - lmforge.utils imports torch; `lmforge --help` should not
-    from lmforge.utils import UserError as _UserError
-
-    return _UserError(message)
+from lmforge.options import add_field, coerce, field_docs, hints
+from lmforge.utils import UserError
 
 
 @dataclass
@@ -189,7 +179,7 @@ class RunConfig:
     parallel: str = "auto"
     """under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp with several processes"""
     resume: str = "none"
-    """none, auto (continue from the run's latest checkpoint, if any) or a checkpoint directory"""
+    """none (or no, false: a fresh run), auto (continue from the run's latest checkpoint, if any) or a checkpoint directory"""
     time_budget: str | None = None
     """e.g. 10m or 2h: measure throughput, then pick model size, tokens and batch to fit this time"""
     model: ModelSection = field(default_factory=ModelSection)
@@ -218,6 +208,26 @@ class RunConfig:
         return Path(self.out_dir) / self.name if self.name else Path(self.out_dir)
 
 
+@dataclass(frozen=True)
+class Resume:
+    """--resume as one value, parsed once: a fresh run, the run's latest checkpoint, or a directory.
+
+    Resume.parse("no") == Resume("fresh");  Resume.parse("runs/x/checkpoints/step_000100").path
+    """
+
+    mode: Literal["fresh", "auto", "path"]
+    path: Path | None = None  # mode "path": a checkpoint directory, or a run directory (its latest)
+
+    @classmethod
+    def parse(cls, value) -> Resume:
+        text = "" if value is None else str(value).strip()  # YAML reads `resume: no` as False
+        if text.lower() in ("", "none", "null", "no", "false"):
+            return cls("fresh")
+        if text.lower() == "auto":
+            return cls("auto")
+        return cls("path", Path(text))
+
+
 _SECTION_CLS = {
     "model": ModelSection,
     "data": DataSection,
@@ -230,110 +240,17 @@ _SECTION_CLS = {
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"family", "extra"}
 
 
-# ---------------------------------------------------------------------------------------------- docs
-@cache
-def field_docs(cls) -> dict[str, str]:
-    """{field: docstring} from the string literal written under each annotated field."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-@cache
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-# ---------------------------------------------------------------------------------------------- coercion
-_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-
-
-def _is_union(tp) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType)
-
-
-def coerce(value, tp, where: str):
-    """Convert a YAML value or a command-line string to the field's type, or raise a UserError naming it."""
-    if _is_union(tp):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
-            return None
-        return coerce(value, args[0], where)
-    origin = typing.get_origin(tp)
-    try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            s = str(value).strip().lower()
-            if s in ("1", "true", "yes", "on"):
-                return True
-            if s in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true or false")
-        if tp is int:
-            if isinstance(value, bool):
-                raise ValueError("expected an integer")
-            if isinstance(value, int):
-                return value
-            s = str(value).strip().replace("_", "")
-            m = re.fullmatch(r"([0-9.eE+-]+)\s*([kKmMbBgGtT]?)", s)
-            if not m:
-                raise ValueError("expected an integer (suffixes k, M, B allowed)")
-            x = float(m.group(1)) * _SUFFIX.get(m.group(2).lower(), 1)
-            if x != int(x):
-                raise ValueError("expected a whole number")
-            return int(x)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError("expected a number")
-            return float(value)
-        if tp is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError("expected a string")
-            return str(value)
-        if origin is list:
-            if isinstance(value, str):
-                value = (
-                    [v.strip() for v in value.split(",") if v.strip()]
-                    if not value.startswith("[")
-                    else yaml.safe_load(value)
-                )
-            if not isinstance(value, (list, tuple)):
-                raise ValueError("expected a list")
-            (item,) = typing.get_args(tp) or (str,)
-            return [coerce(v, item, where) for v in value]
-        if tp is dict or origin is dict:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise ValueError("expected a mapping, e.g. {rope_type: linear, factor: 2.0}")
-            return dict(value)
-    except (ValueError, TypeError, yaml.YAMLError) as e:
-        raise UserError(f"{where}={value!r}: {e}") from None
-    return value
-
-
 def _build(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
-    hints, kwargs = _hints(cls), {}
+    tps, kwargs = hints(cls), {}
     if cls is ModelSection:  # flat ModelConfig fields go to overrides
         d = dict(d)
         over = dict(d.pop("overrides", None) or {})
         for k in list(d):
             if k in _MODEL_FIELDS:
                 over[k] = d.pop(k)
-        mhints = _hints(ModelConfig)
+        mhints = hints(ModelConfig)
         kwargs["overrides"] = {k: coerce(v, mhints[k], f"model.{k}") for k, v in over.items()}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
@@ -348,7 +265,7 @@ def _build(cls, d: dict, prefix: str):
         if k in _SECTION_CLS and cls is RunConfig:
             kwargs[k] = _build(_SECTION_CLS[k], v or {}, f"{k}.")
         elif k != "overrides":
-            kwargs[k] = coerce(v, hints[k], prefix + k)
+            kwargs[k] = coerce(v, tps[k], prefix + k)
     return cls(**kwargs)
 
 
@@ -401,22 +318,6 @@ def load_config(
 
 
 # ---------------------------------------------------------------------------------------------- argparse
-def _metavar(tp) -> str:
-    if _is_union(tp):
-        tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
-    if tp is bool:
-        return "BOOL"
-    if typing.get_origin(tp) is list:
-        return "A,B"
-    return {int: "N", float: "X", str: "STR", dict: "YAML"}.get(tp, "V")
-
-
-def _fmt_default(v) -> str:
-    if isinstance(v, list):
-        return ",".join(map(str, v)) or "none"
-    return "none" if v is None else str(v)
-
-
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """Add --config and one --section.field option per field (help = the field's docstring).
 
@@ -431,18 +332,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         if f.name in _SECTION_CLS or f.name in skip:
             continue
         flags = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        _add(top, flags, f.name, _hints(RunConfig)[f.name], rdocs.get(f.name, ""), getattr(rdefaults, f.name))
+        add_field(
+            top, flags, f.name, hints(RunConfig)[f.name], rdocs.get(f.name, ""), getattr(rdefaults, f.name)
+        )
     for sec, cls in _SECTION_CLS.items():
         g = parser.add_argument_group(sec, cls.__doc__)
         docs, defaults = field_docs(cls), cls()
         for f in dataclasses.fields(cls):
             if f.name == "overrides":
                 continue
-            _add(
+            add_field(
                 g,
                 [f"--{sec}.{f.name}"],
                 f"{sec}.{f.name}",
-                _hints(cls)[f.name],
+                hints(cls)[f.name],
                 docs.get(f.name, ""),
                 getattr(defaults, f.name),
             )
@@ -450,24 +353,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             mdocs = field_docs(ModelConfig)
             for f in dataclasses.fields(ModelConfig):
                 if f.name in _MODEL_FIELDS:
-                    _add(
+                    add_field(
                         g,
                         [f"--model.{f.name}"],
                         f"model.{f.name}",
-                        _hints(ModelConfig)[f.name],
+                        hints(ModelConfig)[f.name],
                         mdocs.get(f.name, "") + " (overrides the preset)",
                         None,
                         show_default=False,
                     )
-
-
-def _add(group, flags, dest, tp, doc, default, show_default=True) -> None:
-    show_default = show_default and "default" not in doc
-    helptext = doc.replace("%", "%%") + (f" (default: {_fmt_default(default)})" if show_default else "")
-    kw = dict(dest=dest, default=argparse.SUPPRESS, help=helptext, metavar=_metavar(tp))
-    if tp is bool:
-        kw.update(nargs="?", const="true")
-    group.add_argument(*flags, **kw)
 
 
 def overrides_from_args(ns: argparse.Namespace) -> dict:
@@ -493,7 +387,7 @@ def config_for_run(config: str | Path | None, overrides: dict, task: str) -> Run
     cfg = load_config(config, overrides, task=task)
     cfg.name = cfg.name or default_name(cfg)
     saved = cfg.run_dir / "config.yaml"
-    if cfg.resume not in ("none", "", None) and saved.is_file():
+    if Resume.parse(cfg.resume).mode != "fresh" and saved.is_file():
         base = read_yaml(saved)
         base.pop("resume", None)
         cfg = load_config(config, overrides, base=base, task=task)

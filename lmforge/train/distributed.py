@@ -158,6 +158,14 @@ def full_optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
     )
 
 
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], d: Dist) -> None:
+    """Load full, name-keyed tensors (every rank has read them) into a possibly sharded model, in place.
+    Parameters the state leaves out keep their values (a LoRA checkpoint holds the adapter only)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_sd_options(full_state_dict=True, strict=False))
+
+
 def load_optimizer_state(model: nn.Module, optimizer, state: dict, d: Dist) -> None:
     """Load a full, name-keyed optimizer state (every rank has read it) into a possibly sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.train import peft_format as P
-from lmforge.utils import UserError, atomic_dir
+from lmforge.utils import UserError, atomic_dir, parse_dtype
 
 TARGETS = ("wqkv", "wo", "w_in", "w_out")
 ADAPTER_WEIGHTS = P.ADAPTER_WEIGHTS
@@ -41,7 +41,7 @@ class LoRALinear(nn.Module):
 
     It keeps the `weight`/`bias` names of the layer it replaces, so the base state dict is unchanged.
     Not an nn.Linear subclass on purpose: code that swaps nn.Linear layers for fast kernels
-    (infer/packed.py, quantization) must not take it for a plain one and drop the update.
+    (lmforge.kernels, quantization) must not take it for a plain one and drop the update.
     scale: the update's factor, alpha / rank unless given (rslora: alpha / sqrt(rank)).
     """
 
@@ -384,3 +384,19 @@ def merge_lora_dir(
             tokenizer = Tokenizer.load(d)
             break
     return save_model(model, out, tokenizer=tokenizer)
+
+
+def merge_lora_command(adapter: str, *, out: str, base: str | None = None, dtype: str | None = None) -> Path:
+    """`lmforge merge-lora`: merge_lora_dir with the dtype by name, saying where the model went.
+
+    Args:
+        adapter: a LoRA adapter directory: a LoRA run's final/ or checkpoints/step_NNNNNN/, or any PEFT
+            LoRA adapter (adapter_config.json + adapter_model.safetensors)
+        out: where to write the merged model directory
+        base: the base checkpoint (default: base_model_name_or_path of the adapter's adapter_config.json,
+            when that is a local directory)
+        dtype: fp32, bf16 or fp16 for the merged weights (default: the base's)
+    """
+    merged = merge_lora_dir(adapter, out, base=base, dtype=parse_dtype(dtype) if dtype is not None else None)
+    print(f"merged {adapter} into {merged}")
+    return merged

@@ -1,4 +1,4 @@
-"""lmforge's CPU decode kernels (rows.cpp), the decode set-up of the model (packed.py) and the
+"""lmforge's CPU decode kernels (rows.cpp), the module swaps that install them (decode.py) and the
 weights in huge pages (hugepages.py): results against PyTorch's own products and attention in float64."""
 
 import re
@@ -8,7 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.infer import hugepages, packed, rows
+from lmforge import kernels
+from lmforge.kernels import hugepages, rows
+from lmforge.kernels.decode import DecodeLinear
 
 needs_kernel = pytest.mark.skipif(not rows.available(), reason="the kernel did not build (no C++ compiler)")
 
@@ -83,8 +85,10 @@ def test_prepared_linear_layers_compute_the_same(monkeypatch, kernel, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 48, bias=False)).to(dtype)
     ref = [p.detach().clone() for p in model.parameters()]
-    done = packed.prepare(model, max_rows=8)
+    kernels.install(model)
+    done = ", ".join(kernels.installed(model))
     assert ("decode kernel" in done) == kernel, done
+    assert all(type(m) is DecodeLinear for m in model)
     for p, r in zip(model.parameters(), ref):
         assert torch.equal(p, r)  # the values never change, whatever the storage
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -97,8 +101,45 @@ def test_prepared_linear_layers_compute_the_same(monkeypatch, kernel, dtype):
     x = torch.randn(3, 64, dtype=dtype)
     model(x).sum().backward()  # autograd: the plain path, gradients flow
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
-    packed.restore(model)
-    assert "forward" not in model[0].__dict__ and model[0].weight.is_contiguous()
+    kernels.uninstall(model)
+    assert type(model[0]) is nn.Linear and model[0].weight.is_contiguous()
+
+
+def _prefill_and_decode(model, ids):
+    """Logits of a prefill of ids (B, T), then two one-token decode steps through the cache."""
+    cache = model.new_cache(ids.shape[0], 16)
+    with torch.no_grad():
+        out = [model(ids, cache=cache), model(ids[:, :1], cache=cache), model(ids[:, 1:2], cache=cache)]
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_install_swaps_modules_keeping_parameters_and_uninstall_swaps_back(family):
+    """install replaces Linear and Attention modules by kernel-backed subclasses holding the same
+    Parameter objects (ties kept): same parameters, same logits (decode steps included), idempotent;
+    uninstall gives plain modules again. Soft-capped attention (Gemma 2) stays plain."""
+    from lmforge.config import preset
+    from lmforge.kernels.decode import DecodeAttention
+    from lmforge.model import Attention, build
+
+    torch.manual_seed(0)
+    model = build(preset(family, "debug", vocab_size=300)).eval()
+    params = dict(model.named_parameters())
+    ids = torch.randint(0, 300, (2, 9))
+    ref = _prefill_and_decode(model, ids)
+    kernels.install(model)
+    kernels.install(model)  # idempotent
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    want = DecodeAttention if family == "llama" and rows.available() else Attention
+    assert all(type(m) is want for m in model.modules() if isinstance(m, Attention))
+    after = dict(model.named_parameters())
+    assert after.keys() == params.keys() and all(after[k] is params[k] for k in params)
+    assert model.config.tie_embeddings == (model.lm_head.weight is model.tok_emb.weight)
+    torch.testing.assert_close(_prefill_and_decode(model, ids), ref, atol=1e-4, rtol=0)
+    kernels.uninstall(model)
+    assert not any(isinstance(m, (DecodeLinear, DecodeAttention)) for m in model.modules())
+    assert all(p is params[k] and p.is_contiguous() for k, p in model.named_parameters())
+    torch.testing.assert_close(_prefill_and_decode(model, ids), ref, atol=1e-4, rtol=0)
 
 
 def _attention_case(B, H, KV, T, S, hd, window, seed):
