@@ -281,5 +281,5 @@ def test_longrope_phi_export_generates_like_lmforge(tmp_path):
     prompt = [5, 9, 17, 33, 65]
     assert (
         generate(out, prompt, 10)
-        == lm_generate(lm, [prompt], max_new_tokens=10, temperature=0, ignore_eos=True)[0]
+        == lm_generate(lm.model, lm.tokenizer, [prompt], max_new_tokens=10, temperature=0, ignore_eos=True)[0]
     )

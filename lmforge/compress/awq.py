@@ -211,7 +211,7 @@ def _runner(block, group: Group, got) -> tuple[Callable[[int], torch.Tensor], in
 
 
 @torch.no_grad()
-def search_scale(block, group: Group, got, bits: int, G: int | None, grid: int = GRID):
+def search_scale(block, group: Group, got, bits: int, G: int | None, grid: int = GRID, params=int4_params):
     """(alpha, scales, loss at alpha, loss at alpha = 0) minimising the inspected output's squared error."""
     x_mean = got["mean_abs"][group.name]  # (K,)
     stat = group.pool(x_mean) if group.pool else x_mean
@@ -225,7 +225,7 @@ def search_scale(block, group: Group, got, bits: int, G: int | None, grid: int =
             s = stat.clamp(min=1e-4).pow(alpha)  # alpha = 0: all ones, plain rounding
             s = s / (s.max() * s.min()).sqrt()
             full = group.expand(s) if group.expand else s
-            group.linear.weight.copy_(fake_quant(w0 * full[None, :], bits, G) / full[None, :])
+            group.linear.weight.copy_(fake_quant(w0 * full[None, :], bits, G, params) / full[None, :])
             loss = sum(float((run(b) - target[b]).float().pow(2).sum()) for b in range(n))
             if j == 0:
                 rtn = loss
@@ -237,7 +237,9 @@ def search_scale(block, group: Group, got, bits: int, G: int | None, grid: int =
 
 
 @torch.no_grad()
-def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, G: int | None, rows: slice = slice(None)):
+def search_clip(
+    w: torch.Tensor, x: torch.Tensor, bits: int, G: int | None, rows: slice = slice(None), params=int4_params
+):
     """Per (row, group) clip bound for w (N, K) on inputs x (n, K), minimising each group's partial
     output error; rows outside `rows` keep their full range. Returns the clipped weights."""
     N, K = w.shape
@@ -254,7 +256,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, G: int | None, rows
         for k in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
             m = amax * (1 - k / CLIP_GRID)
             cw = torch.maximum(torch.minimum(wr, m), -m)
-            q = fake_quant(cw.reshape(len(wr), K), bits, G).view_as(wr)
+            q = fake_quant(cw.reshape(len(wr), K), bits, G, params).view_as(wr)
             err = (torch.einsum("rgk,ngk->rng", q, x) - org).pow(2).mean(1)[..., None]  # (r, ng, 1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -275,11 +277,12 @@ def awq_block(
     *,
     clip: bool = True,
     grid: int = GRID,
+    params=int4_params,
 ) -> dict:
     """Search AWQ scales (and clip ranges) for one block and fold them into its float weights, in place;
     rounding the block's linears to nearest afterwards gives AWQ. `inputs`: the block's positional
     arguments per calibration batch (calibrate.blocks_in_order); group_for(K): the int4 group size of a
-    layer with K inputs (None: the layer stays float). Returns {"alpha": {name: a}, "gain": {name: loss
+    layer with K inputs (None: the layer stays float); params: the int4 grid (see fake_quant). Returns {"alpha": {name: a}, "gain": {name: loss
     at alpha / loss at 0}, "notes": [...]}."""
     p = plan(block, cfg)
     got = _capture(block, inputs)
@@ -290,7 +293,7 @@ def awq_block(
         G = group_for(K) if bits == 4 else None
         if bits == 4 and G is None:
             continue  # stays float: nothing to protect
-        alpha, s, loss, rtn = search_scale(block, group, got, bits, G, grid)
+        alpha, s, loss, rtn = search_scale(block, group, got, bits, G, grid, params)
         apply_scales(group, s)
         scaled[group.name] = group.expand(s) if group.expand else s
         rep["alpha"][group.name] = alpha
@@ -309,5 +312,5 @@ def awq_block(
             if name in scaled:
                 x = x / scaled[name]
             rows = slice(cfg.q_dim + cfg.kv_dim, None) if name == "attn.wqkv" else slice(None)  # v only
-            lin.weight.copy_(search_clip(lin.weight, x, bits, G, rows))
+            lin.weight.copy_(search_clip(lin.weight, x, bits, G, rows, params))
     return rep

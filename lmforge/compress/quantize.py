@@ -204,7 +204,7 @@ def quantize_model(
         for i, block, inputs in blocks_in_order(model, calibration):
             layers = by_block.get(i, [])
             if algorithm == "awq":  # scales folded into the float weights, then round to nearest
-                rep = awq_block(block, cfg, inputs, bits, lambda K: _group_for(K, group_size))
+                rep = awq_block(block, cfg, inputs, bits, lambda K: _group_for(K, group_size), params=params)
                 alphas += list(rep["alpha"].values())
                 notes.update(rep["notes"])
                 for name, parent, attr in layers:
