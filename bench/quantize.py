@@ -51,7 +51,10 @@ def variants(ckpt: Path, out: Path, calibration: str) -> dict[str, tuple[Path, s
         "int8": dict(method="int8"),
         "int8 (float emb/head)": dict(method="int8", keep_float=("embeddings", "lm_head")),
         "int4 g64": dict(method="int4", group_size=64),
+        "int8 GPTQ": dict(method="int8", calibration_data=calibration, algorithm="gptq"),
+        "int8 AWQ": dict(method="int8", calibration_data=calibration, algorithm="awq"),
         "int4 g64 GPTQ": dict(method="int4", group_size=64, calibration_data=calibration),
+        "int4 g64 AWQ": dict(method="int4", group_size=64, calibration_data=calibration, algorithm="awq"),
         "int4 g128": dict(method="int4", group_size=128),
     }
     for name, kw in jobs.items():
@@ -149,7 +152,7 @@ def main() -> None:
     ap.add_argument("checkpoint", help="a trained float checkpoint directory with its tokenizer")
     ap.add_argument("--eval-data", default="python-docs", help="source for bits per byte (validation split)")
     ap.add_argument("--eval-tokens", type=int, default=20_000, help="tokens scored per variant")
-    ap.add_argument("--calibration-data", default="python-docs", help="GPTQ calibration source")
+    ap.add_argument("--calibration-data", default="python-docs", help="GPTQ/AWQ calibration source")
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per timing")
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (best kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -233,7 +233,7 @@ COMMANDS: tuple[Command, ...] = (  # the order of `lmforge --help`
     ),
     Command(
         "report",
-        "lmforge.evaluate.console:print_report",
+        "lmforge.evaluate.report:compare_checkpoints",
         "compare variants of a model (fp32, bf16, quantized, pruned, ...) in a table and plots",
         (
             "lmforge report runs/q/final runs/q/bf16 runs/q/int8 --data python-docs --out runs/q/report",
@@ -243,6 +243,8 @@ COMMANDS: tuple[Command, ...] = (  # the order of `lmforge --help`
         "budget) and write report.md (size, parameters, bits per byte, perplexity, decode speed, memory), "
         "report.json and two plots: quality against size and quality against speed.",
         positionals=("checkpoints",),
+        hidden=("prompt_len", "echo"),
+        defaults={"data": "python-docs", "progress": True, "echo": True},
     ),
     Command(
         "inspect",
@@ -563,6 +565,7 @@ def _call(cmd: Command, fn, opts, resolved, ns):
     from lmforge.options import values
 
     kwargs = values(ns, opts)
+    kwargs.update((k, v) for k, v in cmd.defaults.items() if k in cmd.hidden)  # fixed by the command
     if getattr(ns, "no_eval", False):
         kwargs["eval_data"] = None
     for name in resolved:  # the cheap ones first: a bad sampling option fails before the model loads

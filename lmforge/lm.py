@@ -25,7 +25,7 @@ from lmforge.infer.generate import generate as _generate
 from lmforge.infer.generate import stream as _stream
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.lora import _base_of, is_adapter, load_lora_model
-from lmforge.utils import resolve_device, resolve_dtype
+from lmforge.utils import UserError, resolve_device, resolve_dtype
 
 
 class LM:
@@ -103,6 +103,11 @@ def load(
         if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():  # SentencePiece: converted
             tokenizer = Tokenizer.load(d)
             break
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:  # else an IndexError later
+        raise UserError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} token ids but the model only "
+            f"{model.config.vocab_size} token embeddings; pair the model with the tokenizer it was trained with"
+        )
     return LM(model, tokenizer, path)
 
 

@@ -485,9 +485,9 @@ class Transformer(nn.Module):
             x = x[:, -logits_to_keep:]
         if targets is None:
             return self.logits(x)  # (B, T, V)
-        if cfg.final_softcap is None:
+        if cfg.final_softcap is None and type(self.lm_head) is nn.Linear:
             loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1))
-        else:  # soft-capped logits: the chunked loss does not apply them, so materialise the logits
+        else:  # soft-capped logits or a quantized head: the chunked loss does not apply, materialise
             logits = self.logits(x).float().flatten(0, 1)
             loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=-100)
         if cfg.n_experts and self.training:

@@ -87,8 +87,11 @@ def quickstart(
     tok_dir, data_dir, final = out / "tokenizer", out / "data", out / "final"
     int8_dir, export_dir = out / "int8", out / "export"
 
+    retrained = []  # a new tokenizer makes the quickstart's earlier token shards another preparation
+
     def tokenizer_stage():
         tok, rep = train_tokenizer_on(data, vocab_size, tok_dir)
+        retrained.append(True)
         return {"vocab_size": tok.vocab_size, "bytes_per_token": rep.get("bytes_per_token")}
 
     st.run(
@@ -99,7 +102,7 @@ def quickstart(
     )
 
     def data_stage():
-        meta = prepare(data, tok_dir, data_dir, force=fresh)
+        meta = prepare(data, tok_dir, data_dir, force=fresh or bool(retrained))
         return {k: meta.get(k) for k in ("mb_per_s", "peak_rss_mb")} | {
             "train_tokens": meta["splits"]["train"]["tokens"],
             "val_tokens": meta["splits"]["val"]["tokens"],
@@ -132,6 +135,7 @@ def quickstart(
                 "eval.samples": 1,
                 "eval.prompts": PROMPTS[:1],
                 "ckpt.every": 0,
+                "force": True,  # a stage not finished is redone whole, in the quickstart's own run dir
             },
         )
         summary = train(cfg)

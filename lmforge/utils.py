@@ -7,9 +7,14 @@ torch is imported inside the functions that need it, so that importing UserError
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -19,6 +24,116 @@ class UserError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Atomic writes: write to a temporary sibling, fsync, rename. A crash leaves the old file whole.
+#
+# Temporaries are named `.NAME.<host>-<pid>.<random>.tmp` (and `.NAME.<host>-<pid>.<random>.old` for the
+# previous directory while it is swapped out), so the next write to NAME can tell a leftover of a killed
+# process (dead pid on this host; from another host, older than STALE_SECONDS) from a live writer's.
+
+STALE_SECONDS = 24 * 3600  # a temporary from another host (shared filesystem) is stale after a day
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")
+
+
+def _marker() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """`.NAME.<host>-<pid>.`: the prefix of a temporary for `path` (add a random part and `.tmp`) that the
+    next write to `path` removes if this process dies; for helpers that make their own (TemporaryDirectory)."""
+    return f".{Path(path).name}.{_marker()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _stale(entry: os.DirEntry, host: str | None, pid: int | None) -> bool:
+    if host == _host() and pid is not None:
+        return not _pid_alive(pid)
+    try:  # another host, or a name from before the marker: only its age tells
+        age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    return age > STALE_SECONDS
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary siblings of `path` that a dead (killed) writer left; return what was removed."""
+    path = Path(path)
+    name = re.escape(path.name)
+    marked = re.compile(rf"^\.{name}\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.(tmp|old)$")
+    legacy = re.compile(rf"^\.{name}\.([A-Za-z0-9_]+\.tmp|old-\d+)$")  # names lmforge used before
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        m = marked.match(e.name)
+        if m:
+            host, pid = m["host"], int(m["pid"])
+        elif legacy.match(e.name):
+            host = pid = None
+        else:
+            continue
+        if not _stale(e, host, pid):
+            continue
+        with contextlib.suppress(OSError):
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+            removed.append(Path(e.path))
+    return removed
+
+
+def _write_error(path: Path, exc: BaseException) -> UserError | None:
+    """Disk full / read-only while writing `path` -> a one-line UserError; None for anything else.
+
+    safetensors reports I/O failures as its own error with the OS error's text inside, hence the text test."""
+    if isinstance(exc, UserError):
+        return None
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        text = str(exc)
+        for c in (*_NO_SPACE, errno.EROFS):  # not EACCES: "Permission denied" may be about an input
+            if f"code: {c}," in text or os.strerror(c) in text:
+                code = c
+                break
+        else:
+            return None
+    elif code in _NOT_WRITABLE and exc.filename is not None:
+        # a permission error about some other file (an input being read) is not a write error of ours
+        f = Path(os.fsdecode(exc.filename)).absolute()
+        if f != path.absolute() and path.absolute().parent not in (f, *f.parents):
+            return None
+    if code in _NO_SPACE:
+        return UserError(f"cannot write {path}: {os.strerror(code)}: free space, or write it elsewhere")
+    if code in _NOT_WRITABLE:
+        return UserError(f"cannot write {path}: {os.strerror(code)}: write it elsewhere, or make it writable")
+    return None
+
+
+def _prepare_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        err = _write_error(path, e)
+        if err is None:
+            raise
+        raise err from e
+    remove_stale_temporaries(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -38,22 +153,34 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "wb"):
-    """Open a temporary sibling of `path` for writing; on success fsync it and rename it over `path`."""
+    """Open a temporary sibling of `path` for writing; on success fsync it and rename it over `path`.
+
+    Disk full or a read-only target becomes a one-line UserError (the OSError is its __cause__)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the user's usual permissions
+    with atomic_path(path) as tmp, open(tmp, mode) as f:  # a new file: the user's usual permissions
+        yield f
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Like atomic_file for writers that want a file name, not an open file (GGUFWriter, llama.cpp's
+    quantizer): yield a temporary sibling path; on success fsync it and rename it over `path`."""
+    path = Path(path)
+    _prepare_parent(path)
+    tmp = path.with_name(f"{temp_prefix(path)}{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        err = _write_error(path, e) if isinstance(e, Exception) else None
+        if err is None:
+            raise
+        raise err from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -65,29 +192,40 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary sibling directory; on success it replaces `path` whole.
 
-    A failure anywhere inside leaves `path` as it was (or absent) and removes the temporary.
+    A failure anywhere inside leaves `path` as it was (or absent) and removes the temporary; disk full
+    or a read-only target becomes a one-line UserError (the original error is its __cause__).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
+    _prepare_parent(path)
+    tmp = old = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
         yield tmp
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = None
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            old = Path(str(tmp)[: -len(".tmp")] + ".old")  # same marker: a kill here leaves it removable
             os.replace(path, old)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as e:
+        if old is not None and old.exists() and not path.exists():  # failed between the two renames
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # a write inside the temporary (atomic_file in tmp/) already said so, naming the temporary: name
+        # `path`, which is what the user asked for
+        cause = e.__cause__ if isinstance(e, UserError) and isinstance(e.__cause__, OSError) else e
+        err = _write_error(path, cause) if isinstance(cause, Exception) else None
+        if err is None:
+            raise
+        raise err from cause
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,11 +292,12 @@ def resolve_dtype(dtype, device):
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
+    """Bytes in powers of 1024, labelled so (KiB, MiB, ...): 1.0 MiB is 1,048,576 bytes, not 1e6."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
-    return f"{n:.1f} TB"
+    return f"{n:.1f} TiB"
 
 
 def human_count(n: float) -> str:

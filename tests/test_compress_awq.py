@@ -143,10 +143,9 @@ def test_quantize_cli_awq(corpus, tmp_path):  # noqa: F811
     out = tmp_path / "awq"
     args = ["quantize", base, "--method", "int4", "--group-size", 32, "--out", out, "--algorithm", "awq"]
     args += ["--calibration-data", corpus["data"], "--calibration-samples", 8, "--calibration-seq-len", 32]
-    args += ["--eval-data", corpus["data"], "--eval-tokens", 300]
-    r = run_lmforge(*args)
+    r = run_lmforge(*args, "--no-eval")  # the before/after table: test_compress_quantize.py
     assert r.returncode == 0, r.stderr
-    assert "AWQ on 1 batches (256 tokens)" in r.stdout and "bits per byte" in r.stdout, r.stdout
+    assert "AWQ on 1 batches (256 tokens)" in r.stdout, r.stdout
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["algorithm"] == "awq" and qc["bits"] == 4 and qc["group_size"] == 32
     lm = lmforge.load(out, device="cpu")

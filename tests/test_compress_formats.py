@@ -194,13 +194,25 @@ def test_hub_style_gptq_with_fp16_scales_loads_as_float_with_a_note(tmp_path):
     assert torch.equal(m.blocks[0].attn.wqkv.weight, want)
 
 
+@torch.no_grad()
 def test_lora_on_an_imported_base_behaves_as_on_lmforge_quantized(tmp_path):
-    from lmforge.train.lora import apply_lora
+    """QLoRA on a GPTQ directory made elsewhere: the same adapter on it and on the lmforge model it was
+    written from gives the same logits (the int layers hold the same numbers)."""
+    from lmforge.train.lora import LoRALinear, apply_lora
 
-    save_model(_quantized("int4", "gptq"), tmp_path / "g", format="gptq")
-    for base in (_quantized("int4", "lmforge"), load_model(tmp_path / "g")):
-        with pytest.raises(UserError, match="matched no linear layer"):
-            apply_lora(base, 4)
+    q = _quantized("int4", "gptq")
+    save_model(q, tmp_path / "g", format="gptq")
+    models = [apply_lora(_dequant_mode(m), 4, targets=["all"]) for m in (q, load_model(tmp_path / "g"))]
+    adapters = [{n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)} for model in models]
+    assert adapters[0].keys() == adapters[1].keys() and len(adapters[0]) == 4 * q.config.n_layers
+    g = torch.Generator().manual_seed(0)
+    for n, a in adapters[0].items():
+        assert isinstance(a.base, QuantLinear)
+        a.lora_B.normal_(generator=g)
+        adapters[1][n].lora_A.copy_(a.lora_A)
+        adapters[1][n].lora_B.copy_(a.lora_B)
+    x = torch.randint(0, q.config.vocab_size, (2, 9))
+    torch.testing.assert_close(models[1](x), models[0](x), atol=1e-6, rtol=0)
 
 
 def test_formats_refuse_what_they_cannot_hold():

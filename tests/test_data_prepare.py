@@ -156,9 +156,12 @@ def test_rerun_reuses_and_force_redoes(tmp_path, tok_dir, docs, capsys):
     assert r["reused"] and "reusing the finished preparation" in capsys.readouterr().err
     assert (out / "meta.json").stat().st_mtime_ns == mtime
     assert not prepare(str(spec), tok_dir, out, workers=1, progress=False, force=True)["reused"]
-    # Changing the input (or an option) is a different preparation.
+    # Changing the input (or an option) is a different preparation: it replaces this one only with force.
     spec.write_text(spec.read_text() + json.dumps({"text": "one more document"}) + "\n")
-    assert not prepare(str(spec), tok_dir, out, workers=1, progress=False, verbose=False)["reused"]
+    with pytest.raises(UserError, match="holds another data preparation.*--force"):
+        prepare(str(spec), tok_dir, out, workers=1, progress=False, verbose=False)
+    r = prepare(str(spec), tok_dir, out, workers=1, progress=False, verbose=False, force=True)
+    assert not r["reused"]
 
 
 def test_failed_run_keeps_the_finished_preparation(tmp_path, tok_dir, docs):
@@ -170,11 +173,11 @@ def test_failed_run_keeps_the_finished_preparation(tmp_path, tok_dir, docs):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "fine"}) + "\n{oops\n")
     with pytest.raises(UserError, match="bad.jsonl:2: malformed JSON"):
-        prepare(str(bad), tok_dir, out, workers=1, strict=True, progress=False, verbose=False)
+        prepare(str(bad), tok_dir, out, workers=1, strict=True, progress=False, verbose=False, force=True)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(UserError, match="no documents"):
-        prepare(str(empty), tok_dir, out, workers=2, progress=False, verbose=False)
+        prepare(str(empty), tok_dir, out, workers=2, progress=False, verbose=False, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temporaries left
 
@@ -183,7 +186,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path, tok_dir):
     (tmp_path / "d.txt").write_text("some text")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(UserError, match="not a token-shard directory"):
+    with pytest.raises(UserError, match="holds files that are not a data preparation.*--force"):
         prepare(str(tmp_path / "d.txt"), tok_dir, tmp_path / "mine", workers=1, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 

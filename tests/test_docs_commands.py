@@ -145,6 +145,7 @@ EXPECT: dict[str, tuple[str, ...]] = {
     ),
     "lmforge finetune --model.init_from runs/tiny-cpu/final": ("runs/sft-tiny-cpu/final/model.safetensors",),
     "lmforge merge-lora": ("merged/model.safetensors", "merged/tokenizer.json"),
+    "lmforge merge-lora runs/qlora/final": ("runs/tiny-qlora-merged/model.safetensors",),  # QLoRA
     "lmforge generate ckpt --prompt a --prompt b": (r"re:--- prompt 2 ---", r"re:decode \d+ tokens"),
     "lmforge generate ckpt --prompt x": (r"re:draft acceptance",),
     "lmforge generate ckpt --prompt Once": (r"re:sample 3",),
@@ -188,6 +189,7 @@ EXPECT: dict[str, tuple[str, ...]] = {
     "curl http://127.0.0.1:8000/v1/completions": (r're:"choices"',),
     ".venv/bin/python bench/forward.py": (r"re:\| fp32 \| forward",),
     ".venv/bin/python bench/data.py": (r"re:\| prepare python-docs",),
+    ".venv/bin/python bench/data.py --size-mb": (r"re:\| \.json, [\d.]+ MB file, \d+ documents \| 2 \|",),
     ".venv/bin/python bench/export.py": (r"re:\| onnxruntime, model_with_past.onnx",),
     ".venv/bin/python bench/serve_load.py": (r"re:\| 1 \|",),
     ".venv/bin/python bench/serve_load.py --features": (r"re:\| TTFT, \d+-token shared system prompt",),

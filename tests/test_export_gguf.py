@@ -345,7 +345,7 @@ def test_failure_midway_leaves_no_file(tmp_path, tok, monkeypatch):
     import lmforge.export.gguf as g
 
     make_checkpoint(tmp_path / "ckpt", "llama", tok)
-    (tmp_path / "old.gguf").write_bytes(b"previous")
+    (tmp_path / "old.gguf").write_bytes(b"GGUF previous")  # an earlier export: replaceable
     calls = []
 
     def boom(name, t, dtype):
@@ -361,7 +361,7 @@ def test_failure_midway_leaves_no_file(tmp_path, tok, monkeypatch):
     with pytest.raises(UserError, match="No space left"):
         calls.clear()
         export(tmp_path / "ckpt", "ollama", tmp_path / "oll")
-    assert (tmp_path / "old.gguf").read_bytes() == b"previous"  # the previous file is whole
+    assert (tmp_path / "old.gguf").read_bytes() == b"GGUF previous"  # the previous file is whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "old.gguf"]
 
 

@@ -234,7 +234,7 @@ def test_failed_check_or_export_leaves_nothing(tmp_path, monkeypatch):
 
     make_checkpoint(tmp_path / "ckpt", "llama")
     (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("previous export")
+    (tmp_path / "out" / "model.onnx").write_text("previous export")  # an earlier export: replaceable
 
     def fake_export(module, args, f, *a, **k):  # stands in for the slow torch.onnx.export
         f.write_bytes(b"not onnx")
@@ -255,7 +255,7 @@ def test_failed_check_or_export_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="crashed"):
         export(tmp_path / "ckpt", "onnx", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no temporary left
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]  # the previous export is whole
+    assert (tmp_path / "out" / "model.onnx").read_text() == "previous export"  # the previous export is whole
 
 
 def test_runner_errors(llama):

@@ -41,7 +41,7 @@ def test_long_context_engine_starts_bounded(long_model):
 
 def test_what_does_not_fit_names_both_numbers(long_model):
     cfg = long_model.config
-    with pytest.raises(UserError, match=r"8 rows x 131072 tokens needs .* budget of 1\.0 MB"):
+    with pytest.raises(UserError, match=r"8 rows x 131072 tokens needs .* budget of 1\.0 MiB"):
         plan_kv_cache(cfg, 8, max_len=LONG, memory="1MiB")
     with pytest.raises(UserError, match="kv_cache_memory"):
         plan_kv_cache(cfg, 8, memory=1000)  # not even 16 slots per row

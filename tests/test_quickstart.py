@@ -39,7 +39,7 @@ def test_report_card_holds_real_numbers(quickstart):
     metrics = _table(text, "## Metrics")
     assert set(metrics) == {"fp32", "int8"}
     for size, bpb, ppl in metrics.values():
-        assert re.fullmatch(r"[\d.]+ (B|KB|MB)", size)
+        assert re.fullmatch(r"[\d.]+ (B|KiB|MiB)", size)
         assert 0.5 < float(bpb) < 12 and 1 < float(ppl) < 512  # a real evaluation of a 512-token model
     assert abs(float(metrics["int8"][1]) - float(metrics["fp32"][1])) < 0.05 * float(metrics["fp32"][1])
     timings = _table(text, "## Timings")

@@ -66,7 +66,7 @@ def test_failed_checkpoint_write_leaves_the_previous_one_whole(corpus, tmp_path,
         return real(tensors, path, **kw)
 
     monkeypatch.setattr(trainer_state, "save_file", flaky)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UserError, match="No space left"):  # one line (utils.atomic_dir)
         train(make_config(corpus, tmp_path, "disk", **{"ckpt.every": 2, "train.max_steps": 6}))
     ck = tmp_path / "disk/checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == [

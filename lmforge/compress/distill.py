@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lmforge.outputs import check_not_input
 from lmforge.utils import UserError
 
 
@@ -158,6 +159,8 @@ def distill(
     name = over.get("name") or f"distill-{_student_name(student)}"
     over["name"] = name
     run_dir = Path(over.get("out_dir", "runs")) / name
+    # the run writes final/ and checkpoints/ there: never over the teacher or the student it reads
+    check_not_input(run_dir, (teacher, student if "model.init_from" in opts else None), option="--name")
     if data is not None:
         over["data.path"] = prepared_data(data, teacher, run_dir / "data", log)
     over.setdefault("data.tokenizer", str(teacher))

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from lmforge.hf import config_to_hf
+from lmforge.outputs import check_output
 from lmforge.utils import UserError
 
 METHODS = ("magnitude", "wanda")
@@ -302,6 +303,7 @@ def prune(
     eval_data: str | None = "python-docs",
     eval_tokens: int = 20_000,
     device: str = "auto",
+    force: bool = False,
     log=print,
 ) -> dict:
     """What `lmforge prune` does: prune, optionally recover with a short fine-tuning run, save to `out`,
@@ -328,13 +330,12 @@ def prune(
             and after
         eval_tokens: tokens scored for bits per byte
         device: cuda, cpu or auto (where pruning and the checks run)
+        force: replace what --out holds (a model directory, or anything else that is not an input)
     """
     import lmforge
     from lmforge.compress.summary import compare_models, format_summary
 
-    out = Path(out)
-    if Path(checkpoint).resolve() == out.resolve():
-        raise UserError("--out must be a new directory, not the checkpoint itself")
+    out = check_output(out, "model", force=force, inputs=(checkpoint, data, calibration_data, eval_data))
     if recover_steps and not data:
         raise UserError(
             "--recover-steps needs --data (a `data prepare` directory or a source such as python-docs)"

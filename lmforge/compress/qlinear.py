@@ -215,6 +215,11 @@ class QuantLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():  # LoRA on a quantized base (QLoRA): dL/dx only
+            return _QuantMatmul.apply(x, self)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         k = self.kernel
@@ -231,6 +236,26 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}{g}, kernel={self.kernel}"
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = QuantLinear(x) with a gradient for x: dx = g Ŵ (N, K), Ŵ dequantized for the backward only.
+
+    PyTorch's int8/int4 kernels have no derivative; the stored codes are frozen (nothing to learn
+    there), so the only gradient a quantized layer passes on is its input's: what a LoRA adapter
+    upstream of it needs. Ŵ costs one (N, K) temporary per layer per backward, as in QLoRA.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx, gy):
+        w = ctx.layer.dequantize(gy.dtype)  # (N, K)
+        return gy @ w, None
 
 
 class QuantEmbedding(nn.Module):

@@ -21,7 +21,6 @@ Notable features
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -43,6 +42,7 @@ from lmforge.compress.qlinear import (
 )
 from lmforge.compress.scheme import METHODS, PARTS, scheme
 from lmforge.kernels.quant import GROUP_SIZES
+from lmforge.outputs import check_output
 from lmforge.utils import UserError
 
 ALGORITHMS = ("rtn", "gptq", "awq")
@@ -273,6 +273,7 @@ def quantize(
     eval_data: str | None = "python-docs",
     eval_tokens: int = 20_000,
     device: str = "auto",
+    force: bool = False,
     log=print,
 ) -> dict:
     """What `lmforge quantize` does: load, quantize, save to `out`, then compare before and after
@@ -297,13 +298,12 @@ def quantize(
             and after
         eval_tokens: tokens scored for bits per byte
         device: cuda, cpu or auto (where quantizing and the checks run)
+        force: replace what --out holds (a model directory, or anything else that is not an input)
     """
     import lmforge
     from lmforge.compress.summary import compare_models, format_summary
 
-    out = Path(out)
-    if Path(checkpoint).resolve() == out.resolve():
-        raise UserError("--out must be a new directory, not the checkpoint itself")
+    out = check_output(out, "model", force=force, inputs=(checkpoint, calibration_data, eval_data))
     lm = lmforge.load(checkpoint, device=device, dtype=torch.float32)
     calibration = None
     if calibration_data and algorithm != "rtn":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lmforge.data.prepare import read_meta
 from lmforge.data.sources import SourceStats, iter_documents
-from lmforge.utils import human_bytes, human_count
+from lmforge.utils import human_count
 
 
 def describe(path: str, text_field: str = "text") -> str:
@@ -28,7 +28,7 @@ def describe(path: str, text_field: str = "text") -> str:
             bpt = s["bytes"] / max(s["tokens"], 1)
             lines.append(
                 f"  {name:>5}: {human_count(s['tokens'])} tokens, {s['documents']} documents, "
-                f"{human_bytes(s['bytes'])} of text ({bpt:.2f} bytes/token), {len(s['shards'])} shard(s)"
+                f"{s['bytes'] / 1e6:.2f} MB of text ({bpt:.2f} bytes/token), {len(s['shards'])} shard(s)"
             )
         return "\n".join(lines)
     stats = SourceStats()
@@ -38,7 +38,7 @@ def describe(path: str, text_field: str = "text") -> str:
         n_bytes += len(doc.text.encode("utf-8"))
         first = first or doc
     where = f" in {stats.files} file(s)" if stats.files else ""
-    lines = [f"source {path}: {stats.documents} documents, {human_bytes(n_bytes)} of text{where}"]
+    lines = [f"source {path}: {stats.documents} documents, {n_bytes / 1e6:.2f} MB of text{where}"]
     lines += [f"  {x}" for x in stats.summary()]
     if first is not None:
         lines.append(f"  first document ({first.id}): {first.text[:200]!r}")

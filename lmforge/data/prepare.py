@@ -17,8 +17,15 @@ Output directory:
 
 A shard holds at most `shard_tokens` tokens (a longer document gets a shard of its own) and never
 splits a document. The whole directory is written next to `out` and renamed into place at the end,
-so a failed or interrupted run leaves a previous preparation untouched. Running again with the same
-input, options and tokenizer finds the fingerprint in `meta.json` and reuses the result.
+so a failed or interrupted run leaves a previous preparation untouched (and the next run removes the
+temporary a killed one left). Running again with the same input, options and tokenizer finds the
+fingerprint in `meta.json` and reuses the result; a different preparation, or anything else, already
+in `out` is replaced only with `force` (lmforge.outputs.check_output, the rule every command follows).
+
+Memory is bounded for every input: sources stream (a big text file becomes documents of at most
+sources.TEXT_BLOCK, a JSON array is parsed item by item), chunks are ~CHUNK_BYTES, and a worker
+encodes ~BATCH_CHARS at a time. One big file keeps every worker busy, since documents, not files,
+are what is handed out.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ import numpy as np
 from lmforge.data import _encode_worker
 from lmforge.data.document import doc_digest, is_validation
 from lmforge.data.sources import SourceStats, check_source, is_hub, iter_documents, resolve_files
+from lmforge.outputs import check_output
 from lmforge.tokenizer import Tokenizer
-from lmforge.utils import UserError, atomic_dir, human_bytes, human_count
+from lmforge.utils import UserError, atomic_dir, human_count, remove_stale_temporaries
 
 FORMAT = "lmforge-tokens"
 FORMAT_VERSION = 1
@@ -200,15 +208,19 @@ def prepare(
         data: python-docs (built in), c4, hf:owner/name[:config][@split], or a file/folder/glob of .txt
             .md .json .jsonl .parquet (.gz/.zst too)
         out: directory for the shards and meta.json
-        workers: tokenizer processes (default: all cores; 1 = in-process)
+        workers: tokenizer processes, at least 1 (default: all cores; 1 = in this process, on one core)
         val_fraction: share of documents (by content hash) in the validation split
         strict: stop at the first malformed JSON line instead of skipping it
         max_docs: read at most this many documents
         shard_tokens: tokens per shard file
-        force: redo the preparation even if a finished one matches
+        force: redo the preparation even if a finished one matches, or replace what --out holds
         progress: show a progress bar
     """
     say = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise UserError(
+            f"--workers {workers}: must be at least 1 (leave it out to use all {os.cpu_count() or 1} cores)."
+        )
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction}: must be at least 0 and below 1 (0.02 is typical).")
@@ -228,21 +240,28 @@ def prepare(
     }
     check_source(data)  # a bad path or an unreachable hub fails here, before anything is started
     fingerprint = input_fingerprint(data, options)
+    inputs = [None if data == "python-docs" or is_hub(data) else data]
+    inputs.append(None if isinstance(tokenizer, Tokenizer) else tokenizer)
+    # Anything but a preparation needs --force; a preparation is ours to reuse or replace (below).
+    check_output(out, "data", force=force, inputs=inputs, same_kind_ok=True)
     old = read_meta(out)
-    if out.exists() and old is None and any(out.iterdir()):
-        raise UserError(
-            f"--out {out} exists and is not a token-shard directory (no meta.json); "
-            "choose an empty or new folder so nothing of yours is replaced."
-        )
-    if old is not None and not force and old.get("fingerprint") == fingerprint and _complete(out, old):
+    same = old is not None and old.get("fingerprint") == fingerprint
+    if same and not force and _complete(out, old):
+        remove_stale_temporaries(out)  # what a killed run left; the write path does it in atomic_dir
         say(
             f"reusing the finished preparation in {out} (same input, options and tokenizer; --force redoes it)"
         )
         return {**old, "reused": True}
+    if old is not None and not same and not force:
+        raise UserError(
+            f"--out {out}: holds another data preparation (of {old.get('source')}, tokenizer "
+            f"{old.get('tokenizer_hash')}); choose a new folder, or pass --force to replace it"
+        )
     if old is not None:
-        say(f"{out} holds an older preparation; it is replaced only when this run finishes")
+        why = "is incomplete" if same and not force else "is replaced (--force)"
+        say(f"the preparation in {out} {why}; it is rewritten only when this run finishes")
 
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
+    workers = workers if workers is not None else (os.cpu_count() or 1)
     if is_hub(data) and max_docs is None:
         say(f"note: streaming all of {data} (no --max-docs); Ctrl-C stops without touching {out}")
     stats = SourceStats()
@@ -293,7 +312,7 @@ def prepare(
 
         init_args = (tok._json, tok.bos_id, tok.eos_id)
         if workers == 1:
-            _encode_worker.init(*init_args, single_thread=False)
+            _encode_worker.init(*init_args, single_thread=True, spawned=False)
             for split, size in chunks():
                 write(_encode_worker.encode_chunk(split, dt.str), size)
         else:
@@ -335,7 +354,7 @@ def prepare(
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         tok.save(tmp)  # the shards carry their tokenizer: training and evaluation find it here
-    total = sum(n_bytes.values())
+    total = sum(n_bytes.values())  # bytes of UTF-8 text; MB below are 10^6 bytes, as everywhere here
     n_tok = sum(s["tokens"] for s in splits.values())
     run = {
         "reused": False,
@@ -351,7 +370,7 @@ def prepare(
     say(
         f"prepared {human_count(meta['documents_read'])} documents ({duplicates} duplicates removed): "
         f"train {human_count(splits['train']['tokens'])} tokens in {len(splits['train']['shards'])} shard(s), "
-        f"val {human_count(splits['val']['tokens'])} tokens; {human_bytes(total)} of text in {seconds:.1f}s "
+        f"val {human_count(splits['val']['tokens'])} tokens; {total / 1e6:.2f} MB of text in {seconds:.1f}s "
         f"= {run['mb_per_s']:.2f} MB/s with {workers} worker(s); peak RSS {run['peak_rss_mb']:.0f} MB"
         + (f" (each worker {run['peak_worker_rss_mb']:.0f} MB)" if workers > 1 else "")
         + f" -> {out}"
@@ -367,5 +386,5 @@ def _progress_bar(enabled: bool):
     from tqdm import tqdm
 
     return tqdm(
-        unit="B", unit_scale=True, unit_divisor=1024, desc="tokenizing", disable=not enabled, leave=False
+        unit="B", unit_scale=True, unit_divisor=1000, desc="tokenizing", disable=not enabled, leave=False
     )

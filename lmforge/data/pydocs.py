@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.data.document import Document, doc_digest, is_validation
-from lmforge.utils import UserError, atomic_dir, human_bytes
+from lmforge.utils import UserError, atomic_dir
 
 BUILDER_VERSION = 1  # bump when the extraction changes, so old caches are not reused
 VAL_FRACTION = 0.02
@@ -122,7 +122,7 @@ def build_python_docs(
             (d / "meta.json").write_text(json.dumps(meta, indent=2))
     if verbose:
         print(
-            f"built python-docs: {len(records)} documents, {human_bytes(n_bytes)} "
+            f"built python-docs: {len(records)} documents, {n_bytes / 1e6:.2f} MB "
             f"(validation {n_val} documents) in {meta['build_seconds']:.1f}s -> {out}",
             file=sys.stderr,
         )

@@ -9,23 +9,27 @@ A spec is one of:
   `.parquet` (column `text_field`), any of those compressed as `.gz` or `.zst`,
   and C4-format shards (`c4-*.json.gz`: JSON lines with `text`, `url`, `timestamp`).
 
-Everything streams: files are read line by line or in blocks, Parquet in record batches, so memory
-does not grow with the corpus. Bad input is counted in `SourceStats` rather than silently dropped:
+Everything streams, so memory does not grow with the corpus or with one file: text files are read in
+blocks (a file larger than TEXT_BLOCK is cut into documents of at most that size, at blank lines),
+JSON lines one line at a time, a JSON array one item at a time (`_json_array_items`), Parquet in
+record batches. Bad input is counted in `SourceStats` rather than silently dropped:
 invalid UTF-8 is replaced (U+FFFD) and counted, malformed JSON lines are skipped and listed with their
 line numbers (or raise with `strict=True`), empty files and empty documents are counted.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob as globlib
 import gzip
 import io
 import json
 import os
+import re
 import socket
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -39,9 +43,12 @@ JSON_SUFFIXES = {".json", ".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 COMPRESSED_SUFFIXES = {".gz", ".zst", ".zstd"}
 HUB_ALIASES = {"c4": "hf:allenai/c4:en"}
-# A text file larger than this is cut at blank lines into documents of about this size,
-# so that one huge file (a book, a dump) never has to sit in memory whole.
-TEXT_BLOCK = 4 << 20
+# A text file larger than this is cut into documents of at most this size (after the last blank line
+# that fits; failing that, the last newline; failing that, a character boundary), so that neither the
+# reader nor a tokenizer worker ever holds one huge file (a book, a dump) whole: tokenizing a document
+# costs ~130 bytes of worker memory per byte of text, so 1 MiB documents keep a worker under ~300 MB.
+TEXT_BLOCK = 1 << 20
+READ_BLOCK = 1 << 20  # bytes read at a time from a text or JSON-array file
 
 LOCAL_HINT = (
     "Local alternatives: `--data python-docs` (built in, no network), a folder of C4 shards "
@@ -134,32 +141,43 @@ def file_kind(path: Path) -> str | None:
     return None
 
 
+def cut_text(buf: bytes | bytearray, limit: int) -> int:
+    """Where the next document of a text file longer than `limit` bytes ends: after the last blank line
+    within `limit`; failing that, after the last newline; failing that, at the start of the UTF-8
+    character that `limit` falls in. Always in (0, limit]."""
+    cut = buf.rfind(b"\n\n", 0, limit) + 2
+    if cut < 2:
+        cut = buf.rfind(b"\n", 0, limit) + 1
+    if cut < 1:
+        cut = limit
+        while cut > 0 and 0x80 <= buf[cut] < 0xC0:  # a continuation byte: step back to its lead byte
+            cut -= 1
+        cut = cut or limit  # nothing but continuation bytes (not UTF-8 at all): cut anywhere
+    return cut
+
+
 def _iter_text_file(path: Path, stats: SourceStats) -> Iterator[Document]:
+    """A file of at most TEXT_BLOCK bytes is one document; a larger one is read READ_BLOCK at a time and
+    cut by `cut_text`, so at most TEXT_BLOCK + READ_BLOCK bytes of it are in memory."""
+    limit = TEXT_BLOCK
     with _open_binary(path) as f:
-        buf = b""
+        buf = bytearray()
         part = 0
         while True:
-            block = f.read(TEXT_BLOCK)
+            block = f.read(READ_BLOCK)
+            if block:
+                buf += block
+            while len(buf) > limit:  # more than one document's worth: the first one is complete
+                cut = cut_text(buf, limit)
+                name = f"{path}#{part}"
+                yield Document(_decode(bytes(memoryview(buf)[:cut]), stats, name), name)
+                del buf[:cut]
+                part += 1
             if not block:
                 break
-            buf += block
-            if len(buf) < TEXT_BLOCK:
-                continue
-            # Cut after a blank line; failing that (for a long way), after a line; failing that, at the
-            # start of the last character. Each is a UTF-8 character boundary.
-            cut = buf.rfind(b"\n\n") + 2
-            if cut < 2:
-                if len(buf) < 4 * TEXT_BLOCK:
-                    continue
-                cut = buf.rfind(b"\n") + 1 or len(buf) - 1
-                while cut > 0 and 0x80 <= buf[cut] < 0xC0:
-                    cut -= 1
-            yield Document(_decode(buf[:cut], stats, f"{path}#{part}"), f"{path}#{part}")
-            buf = buf[cut:]
-            part += 1
         if buf or part == 0:
             name = str(path) if part == 0 else f"{path}#{part}"
-            yield Document(_decode(buf, stats, name), name)
+            yield Document(_decode(bytes(buf), stats, name), name)
 
 
 def _json_text(rec, text_field: str, where: str, first: bool, stats: SourceStats) -> str | None:
@@ -185,18 +203,120 @@ def _json_text(rec, text_field: str, where: str, first: bool, stats: SourceStats
     return text
 
 
+class _Utf8Reader:
+    """`read(n)` -> str from a binary stream, decoded incrementally; the first invalid UTF-8 in the file
+    is counted (as reading the file whole counted it) and from there on invalid bytes become U+FFFD."""
+
+    def __init__(self, f, stats: SourceStats, where: str):
+        self.f, self.stats, self.where = f, stats, where
+        self.dec = codecs.getincrementaldecoder("utf-8")("strict")
+        self.offset = 0  # bytes read so far, for the note
+
+    def read(self, n: int) -> str:
+        """About `n` characters; '' only at the end of the file (not when a read ends inside a character)."""
+        while True:
+            raw = self.f.read(max(n, 4))
+            final = not raw
+            try:
+                text = self.dec.decode(raw, final)
+            except UnicodeDecodeError as e:
+                pending = self.dec.getstate()[0]  # bytes of a character cut by the previous read
+                at = self.offset - len(pending) + e.start
+                self.stats.invalid_utf8 += 1
+                self.stats.note(f"{self.where}: invalid UTF-8 at byte {max(at, 0)}, replaced")
+                self.dec = codecs.getincrementaldecoder("utf-8")("replace")
+                text = self.dec.decode(pending + raw, final)
+            self.offset += len(raw)
+            if text or final:
+                return text
+
+
+_JSON_WS = re.compile(r"[ \t\n\r]*")
+_TAIL = 64  # an item that ends this close to the end of what was read may go on (a number): read more
+
+
+def _json_array_items(read: Callable[[int], str], where: str) -> Iterator:
+    """The items of the JSON array that `read` returns piece by piece, one at a time.
+
+    Each item is parsed by the standard library's own decoder (`raw_decode`), so the values are exactly
+    what `json.loads` of the whole file gives; only the item being parsed (and READ_BLOCK characters)
+    is held. An item cut by the end of what has been read fails to parse, and more is read (twice as
+    much each time, so a huge item costs about twice its parse); a syntax error anywhere else is
+    reported at once with its character offset in the file.
+    """
+    decoder = json.JSONDecoder()
+    buf, pos, dropped, eof = "", 0, 0, False
+
+    def fill(n: int) -> None:
+        """Append `n` more characters (fewer only at the end of the file)."""
+        nonlocal buf, pos, dropped, eof
+        chunks, got = [], 0
+        while got < n and not eof:
+            chunk = read(n - got)
+            eof = not chunk
+            chunks.append(chunk)
+            got += len(chunk)
+        dropped += pos
+        buf, pos = buf[pos:] + "".join(chunks), 0
+
+    def peek() -> str:
+        """The next character that is not white space ('' at the end of the file)."""
+        nonlocal pos
+        while True:
+            pos = _JSON_WS.match(buf, pos).end()
+            if pos < len(buf) or eof:
+                return buf[pos : pos + 1]
+            fill(READ_BLOCK)
+
+    def bad(msg: str, at: int):
+        return UserError(
+            f"{where}: not valid JSON at character {dropped + at} ({msg}). "
+            "Fix the file or convert it to JSON lines."
+        )
+
+    if peek() != "[":
+        raise bad("expected '['", pos)
+    pos += 1
+    first = True
+    while True:
+        c = peek()
+        if c == "]" and first:
+            pos += 1
+            break
+        if not first:
+            if c == "]":
+                pos += 1
+                break
+            if c != ",":
+                raise bad("expecting ',' or ']' after an item", pos)
+            pos += 1
+            peek()
+        first = False
+        n = READ_BLOCK
+        while True:
+            try:
+                item, end = decoder.raw_decode(buf, pos)
+                if eof or end < len(buf) - _TAIL:
+                    break
+            except json.JSONDecodeError as e:
+                cut_short = e.pos >= len(buf) - _TAIL or e.msg.startswith("Unterminated string")
+                if eof or not cut_short:
+                    raise bad(e.msg, e.pos) from e
+            fill(n)
+            n *= 2
+        pos = end
+        yield item
+    if peek():
+        raise bad("extra data after the array", pos)
+
+
 def iter_json_records(path: Path, stats: SourceStats, strict: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for JSON lines, or for the items of a file holding one JSON array."""
+    """(line number, record) for JSON lines, or (item number, record) for a file holding one JSON array."""
     with _open_binary(path) as f:
         head = f.peek(64)[:64] if hasattr(f, "peek") else b""
         if head.lstrip().startswith(b"["):
-            try:
-                items = json.loads(_decode(f.read(), stats, str(path)))
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path}: not valid JSON ({e}). Fix the file or convert it to JSON lines."
-                ) from e
-            for i, rec in enumerate(items, 1):
+            reader = _Utf8Reader(f, stats, str(path))
+            for i, rec in enumerate(_json_array_items(reader.read, str(path)), 1):
                 if isinstance(rec, dict):
                     yield i, rec
                 else:
@@ -235,6 +355,9 @@ def _iter_json_file(path: Path, text_field: str, stats: SourceStats, strict: boo
         yield Document(text, str(doc_id))
 
 
+_PARQUET_TEXT = ("string", "large_string", "string_view", "binary", "large_binary", "binary_view")
+
+
 def _iter_parquet_file(path: Path, text_field: str, stats: SourceStats) -> Iterator[Document]:
     import pyarrow.parquet as pq
 
@@ -246,6 +369,15 @@ def _iter_parquet_file(path: Path, text_field: str, stats: SourceStats) -> Itera
     if text_field not in names:
         raise UserError(
             f"{path}: no column '{text_field}' (columns: {', '.join(names[:12])}). "
+            "Choose the column that holds the text with --text-field."
+        )
+    import pyarrow as pa
+
+    kind = pf.schema_arrow.field(text_field).type
+    value = kind.value_type if pa.types.is_dictionary(kind) else kind
+    if not any(getattr(pa.types, f"is_{t}", lambda _: False)(value) for t in _PARQUET_TEXT):
+        raise UserError(
+            f"{path}: column '{text_field}' holds {kind}, not text. "
             "Choose the column that holds the text with --text-field."
         )
     cols = [text_field] + [c for c in ("id", "url") if c in names and c != text_field]

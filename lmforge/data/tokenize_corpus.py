@@ -14,6 +14,7 @@ import time
 
 from lmforge.data.document import doc_digest, is_validation
 from lmforge.data.sources import SourceStats, check_source, iter_documents
+from lmforge.outputs import check_output
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, compression, train_tokenizer
 from lmforge.utils import UserError, human_bytes
 
@@ -32,6 +33,7 @@ def train_tokenizer_on(
     special_tokens: list[str] | None = None,
     model_max_length: int = 2048,
     strict: bool = False,
+    force: bool = False,
     verbose: bool = True,
 ) -> tuple[Tokenizer, dict]:
     """Train on the train split of `data`, save to `out` (if given); return (tokenizer, report).
@@ -46,8 +48,12 @@ def train_tokenizer_on(
         val_fraction: share of documents (by content hash) in the validation split
         model_max_length: model_max_length written to tokenizer_config.json
         strict: stop at the first malformed JSON line instead of skipping it
+        force: write into an --out that holds something other than a tokenizer (a model's tokenizer is
+            replaced; a tokenizer is always replaced)
     """
     say = (lambda *a: print(*a, file=sys.stderr)) if verbose else (lambda *a: None)
+    if out is not None:  # retraining into a tokenizer folder replaces it (a documented re-run); nothing else
+        check_output(out, "tokenizer", force=force, inputs=(data,), same_kind_ok=True)
     specials = SPECIAL_TOKENS if special_tokens is None else special_tokens
     if vocab_size < 256 + len(specials):  # fail before reading any data
         train_tokenizer([], vocab_size, special_tokens=specials)

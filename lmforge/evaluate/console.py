@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Literal
 
 from lmforge.evaluate.bench import bench_lm, format_bench
 from lmforge.evaluate.inspect import inspect_prompt
 from lmforge.evaluate.perplexity import evaluate_lm, format_metrics
-from lmforge.evaluate.report import compare_checkpoints
 from lmforge.evaluate.robustness import format_robustness, parse_perturbations, robustness_report
 from lmforge.evaluate.tasks import evaluate_task, format_task, load_task
 from lmforge.utils import UserError, atomic_write_text
@@ -156,51 +153,6 @@ def print_bench(
     print(json.dumps(r, indent=2) if as_json else format_bench(r))
     if out:
         atomic_write_text(out, json.dumps(r, indent=2))
-    return r
-
-
-def print_report(
-    models: Iterable,
-    *,
-    data: str = "python-docs",
-    out: str,
-    names: tuple[str, ...] | None = None,
-    split: str = "val",
-    max_tokens: int | None = 50_000,
-    seq_len: int | None = None,
-    text_field: str = "text",
-    val_fraction: float = 0.02,
-    new_tokens: int = 32,
-    progress: bool = True,
-) -> dict:
-    """Compare (model, tokenizer) pairs (`lmforge.lm.load_each`), write the report and print it.
-
-    Args:
-        data: a `data prepare` directory or a source spec, as for evaluate
-        out: directory for report.md, report.json and the PNG plots
-        names: comma-separated labels (default: the shortest unique path ends)
-        split: val (default), train or all
-        max_tokens: tokens scored per model
-        seq_len: window length (default: each model's context)
-        val_fraction: share of documents held out
-        new_tokens: tokens decoded for the speed column
-        progress: show progress bars
-    """
-    r = compare_checkpoints(
-        models,
-        data,
-        out,
-        names=list(names) if names else None,
-        split=split,
-        max_tokens=max_tokens,
-        seq_len=seq_len,
-        text_field=text_field,
-        val_fraction=val_fraction,
-        new_tokens=new_tokens,
-        progress=progress,
-    )
-    print((Path(out) / "report.md").read_text())
-    print(f"written: {out}/report.md, report.json, " + ", ".join(r["plots"]), file=sys.stderr)
     return r
 
 

@@ -72,10 +72,10 @@ def scatter_plot(path, xs, ys, labels, xlabel: str, ylabel: str, title: str, log
 
 def compare_checkpoints(
     models: Iterable,
-    data,
-    out,
+    data: str,
+    out: str,
     *,
-    names: list[str] | None = None,
+    names: tuple[str, ...] | None = None,
     split: str = "val",
     max_tokens: int | None = 50_000,
     seq_len: int | None = None,
@@ -84,11 +84,25 @@ def compare_checkpoints(
     new_tokens: int = 32,
     prompt_len: int = 64,
     progress: bool = False,
+    echo: bool = False,
 ) -> dict:
     """Evaluate and benchmark each (model, tokenizer) of `models`; write report.md, report.json and the
     plots to `out`. `models` is consumed one pair at a time, so a lazy iterable
-    (lmforge.lm.load_each(paths)) keeps one model in memory. names: one label per model (default:
-    labels_for the directories the models were loaded from)."""
+    (lmforge.lm.load_each(paths)) keeps one model in memory.
+
+    Args:
+        data: a `data prepare` directory or a source spec, as for evaluate
+        out: directory for report.md, report.json and the PNG plots
+        names: comma-separated labels (default: the shortest unique path ends)
+        split: val (default), train or all
+        max_tokens: tokens scored per model
+        seq_len: window length (default: each model's context)
+        val_fraction: share of documents held out
+        new_tokens: tokens decoded for the speed column
+        prompt_len: prompt tokens for the speed column
+        progress: show progress bars
+        echo: print report.md, and the files written to standard error
+    """
     out = Path(out)
     rows = []
     for i, (model, tokenizer) in enumerate(models):
@@ -158,6 +172,9 @@ def compare_checkpoints(
     }
     atomic_write_text(out / "report.json", json.dumps(result, indent=2))
     atomic_write_text(out / "report.md", render_markdown(result))
+    if echo:
+        print((out / "report.md").read_text())
+        print(f"written: {out}/report.md, report.json, " + ", ".join(result["plots"]), file=sys.stderr)
     return result
 
 

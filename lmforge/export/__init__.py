@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from lmforge.export.targets import FORMATS, GGUF_DTYPES, QUANT_TYPES, check_out_path, default_out
+from lmforge.outputs import check_output
 from lmforge.utils import UserError
 
 
@@ -31,6 +32,7 @@ def export(
     opset: int | None = None,
     check: bool = True,
     calibration: str | os.PathLike | None = None,
+    force: bool = False,
 ) -> Path:
     """Export `checkpoint` (an HF model directory) to `fmt` (onnx, gguf or ollama); returns the path.
 
@@ -39,6 +41,8 @@ def export(
     calibration: GGUF/Ollama with a llama.cpp type: a text file whose importance matrix guides it.
     with_cache: ONNX: also write the decoder-step model with past/present key-value tensors.
     opset: ONNX opset (>= 17, default 18). check: ONNX: compare onnxruntime with PyTorch first.
+    force: write over an `out` that holds something other than this format's export (an earlier
+    export of the same format is replaced without it).
     """
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -70,6 +74,7 @@ def export(
             "from (GGUF has its own quantization: --dtype q8_0 or q4_k_m)"
         )
     out = Path(out) if out is not None else default_out(checkpoint, fmt, dtype)
+    check_output(out, fmt, force=force, inputs=(checkpoint, calibration), same_kind_ok=True)
     if fmt == "onnx":
         from lmforge.export.onnx import DEFAULT_OPSET, export_onnx
 

@@ -21,6 +21,7 @@ def export_and_print(
     opset: int | None = None,
     base: str | None = None,
     check: bool = True,
+    force: bool = False,
 ) -> Path:
     """Export a checkpoint (or a LoRA adapter directory) and print what was written.
 
@@ -38,12 +39,16 @@ def export_and_print(
             directory (default: the one the adapter names); gguf writes a llama.cpp LoRA adapter (f32
             unless --dtype f16/bf16), ollama the base GGUF + adapter GGUF + a Modelfile with ADAPTER
         check: compare onnxruntime's logits with PyTorch's (ONNX)
+        force: write over an --out that holds something else (a model, a data preparation, ...); an
+            earlier export of the same format is replaced without it
     """
     if is_adapter(checkpoint):  # a LoRA adapter: llama.cpp's adapter GGUF (gguf_lora.py)
-        return _export_lora(checkpoint, format, out, dtype, base)
+        return _export_lora(checkpoint, format, out, dtype, base, force)
     if base is not None:
         raise UserError(f"--base is for LoRA adapter exports; {checkpoint} is not an adapter directory")
-    path = export(checkpoint, format, out, dtype=dtype, with_cache=with_cache, opset=opset, check=check)
+    path = export(
+        checkpoint, format, out, dtype=dtype, with_cache=with_cache, opset=opset, check=check, force=force
+    )
     print(f"wrote {path} ({human_bytes(dir_size(path))})")
     if format == "onnx" and check:
         from lmforge.export.onnx import MANIFEST
@@ -57,8 +62,11 @@ def export_and_print(
     return path
 
 
-def _export_lora(adapter: str, format: str, out: str | None, dtype: str | None, base: str | None) -> Path:
+def _export_lora(
+    adapter: str, format: str, out: str | None, dtype: str | None, base: str | None, force: bool = False
+) -> Path:
     from lmforge.export.gguf_lora import export_lora_gguf, export_ollama_lora
+    from lmforge.outputs import check_output
 
     if format == "onnx":
         raise UserError(
@@ -67,10 +75,14 @@ def _export_lora(adapter: str, format: str, out: str | None, dtype: str | None, 
         )
     if format == "gguf":
         dtype = dtype or "f32"
-        path = export_lora_gguf(adapter, out or default_out(adapter, "gguf", dtype), dtype, base)
+        out = out or default_out(adapter, "gguf", dtype)
+        check_output(out, "gguf", force=force, inputs=(adapter, base), same_kind_ok=True)
+        path = export_lora_gguf(adapter, out, dtype, base)
         print(f"wrote {path} ({human_bytes(dir_size(path))}); use: llama-cli -m BASE.gguf --lora {path}")
         return path
-    path = export_ollama_lora(adapter, out or default_out(adapter, "ollama"), dtype or "f16", base)
+    out = out or default_out(adapter, "ollama")
+    check_output(out, "ollama", force=force, inputs=(adapter, base), same_kind_ok=True)
+    path = export_ollama_lora(adapter, out, dtype or "f16", base)
     print(f"wrote {path} ({human_bytes(dir_size(path))})")
     print(f"next: ollama create {path.name} -f {path / 'Modelfile'}")
     return path

@@ -26,7 +26,6 @@ llama.cpp, a tensor whose rows are not falls back to a 32-block type (q5_0, q5_1
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from lmforge.export.targets import GGUF_DTYPES, QUANT_TYPES, check_out_path
-from lmforge.utils import UserError
+from lmforge.utils import UserError, atomic_path, temp_prefix
 
 DTYPES = GGUF_DTYPES
 BLOCK = 32  # values per block of every quantized type (the k-quants' super-blocks are 256)
@@ -523,18 +522,8 @@ def _add_metadata(w, cfg, arch: str, name: str, dtype: str) -> None:
         w.add_expert_used_count(cfg.n_experts_per_tok)
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    """A temporary sibling path to write; renamed over `path` on success, removed on failure."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+# A temporary sibling path, renamed over the target on success (shared rules: utils.atomic_path).
+_atomic_path = atomic_path
 
 
 def export_gguf(
@@ -610,7 +599,7 @@ def export_gguf(
             if dtype in QUANT_TYPES:
                 from lmforge.export.llama_cpp import quantize
 
-                with tempfile.TemporaryDirectory(dir=out.parent, prefix=".lmforge-quant-") as d:
+                with tempfile.TemporaryDirectory(dir=out.parent, prefix=temp_prefix(out), suffix=".tmp") as d:
                     q = Path(d) / "q.gguf"
                     quantize(tmp, q, dtype, imatrix=imatrix)
                     os.replace(q, tmp)

@@ -9,14 +9,16 @@
 // streams), converting 16 weights per instruction group and keeping two fp32 accumulators per row
 // so the FMA latency is hidden (bench/decode.py and docs/benchmarks.md "Decode" measure both). Short
 // rows (a small model's layers) go 16 at a time instead, their sums reduced and stored together.
-// Built by lmforge/infer/rows.py with the host compiler (-O3 -march=native); without AVX-512, a
-// plain loop the compiler vectorises.
+// Built by lmforge/kernels/rows.py with the host compiler (-O3 -march=native -fopenmp-simd); without
+// AVX-512, plain loops the compiler vectorises: their `omp simd reduction`s need -fopenmp-simd, without
+// which GCC keeps each fp32 sum in order, one element at a time (1.6-7x slower on an AVX2 CPU, measured).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -25,6 +27,8 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define LMF_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -166,6 +170,47 @@ __attribute__((noinline)) void dot_rows(const W* w, int64_t stride, const float*
   }
   for (int s = 0; s < S; s++)
     for (int m = 0; m < M; m++) out[s * M + m] = _mm512_reduce_add_ps(_mm512_add_ps(a[s][m][0], a[s][m][1]));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 + FMA (most laptops' CPUs): the same walk with 8 fp32 lanes; two accumulators per (row, x row)
+// while they fit in the 16 ymm registers, one beyond (M x rows of a decode batch)
+inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
+inline __m256 load8(const int8_t* w) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+inline __m256 load8(const c10::BFloat16* w) {
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));  // bf16 is the top half of an fp32
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <int M, int S, typename W>
+__attribute__((noinline)) void dot_rows(const W* w, int64_t stride, const float* x, int64_t K, float* out) {
+  constexpr int U = S * M <= 4 ? 2 : 1;
+  __m256 a[S][M][U];
+  for (int s = 0; s < S; s++)
+    for (int m = 0; m < M; m++)
+      for (int u = 0; u < U; u++) a[s][m][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U)
+    for (int s = 0; s < S; s++)
+      for (int u = 0; u < U; u++) {
+        const __m256 wv = load8(w + s * stride + k + 8 * u);
+        for (int m = 0; m < M; m++)
+          a[s][m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), a[s][m][u]);
+      }
+  for (int s = 0; s < S; s++)
+    for (int m = 0; m < M; m++) {
+      __m256 t = a[s][m][0];
+      for (int u = 1; u < U; u++) t = _mm256_add_ps(t, a[s][m][u]);
+      float r = hsum8(t);
+      for (int64_t j = k; j < K; j++) r += to_f32(w[s * stride + j]) * x[m * K + j];  // the row's tail
+      out[s * M + m] = r;
+    }
 }
 #else
 template <int M, int S, typename W>
@@ -365,8 +410,11 @@ void attend_heads(const float* qf, const E* k, int64_t k_ss, const E* v, int64_t
                   int64_t n, int64_t hd, float scale, float* sc, const Out& y) {
   for (int64_t i = 0; i < n; i++)
     for (int j = 0; j < G; j++) {
+      const E* kr = k + idx[i] * k_ss;
+      const float* qj = qf + j * hd;
       float a = 0.f;
-      for (int64_t c = 0; c < hd; c++) a += qf[j * hd + c] * to_f32(k[idx[i] * k_ss + c]);
+#pragma omp simd reduction(+ : a)
+      for (int64_t c = 0; c < hd; c++) a += qj[c] * to_f32(kr[c]);
       sc[j * n + i] = a * scale;
     }
   for (int j = 0; j < G; j++) {
@@ -376,12 +424,24 @@ void attend_heads(const float* qf, const E* k, int64_t k_ss, const E* v, int64_t
     for (int64_t i = 0; i < n; i++) sum += (p[i] = std::exp(p[i] - mx));
     for (int64_t i = 0; i < n; i++) p[i] /= sum;
   }
-  for (int j = 0; j < G; j++)
-    for (int64_t c = 0; c < hd; c++) {
-      float a = 0.f;
-      for (int64_t i = 0; i < n; i++) a += sc[j * n + i] * to_f32(v[idx[i] * v_ss + c]);
-      y.set(j * hd + c, a);
+  // p v: each value row is read front to back into hd sums (lanes across the head dimension, each
+  // still summed over the slots in order), not one strided column at a time
+  constexpr int64_t kC = 256;
+  float acc[kC];
+  for (int j = 0; j < G; j++) {
+    const float* p = sc + j * n;
+    for (int64_t c0 = 0; c0 < hd; c0 += kC) {
+      const int64_t w = std::min(kC, hd - c0);
+      std::fill(acc, acc + w, 0.f);
+      for (int64_t i = 0; i < n; i++) {
+        const E* vr = v + idx[i] * v_ss + c0;
+        const float pi = p[i];
+#pragma omp simd
+        for (int64_t c = 0; c < w; c++) acc[c] += pi * to_f32(vr[c]);
+      }
+      for (int64_t c = 0; c < w; c++) y.set(j * hd + c0 + c, acc[c]);
     }
+  }
 }
 #endif
 

@@ -2,7 +2,7 @@
 decode step, with fp32, bf16 or int8 weights, and `decode_attention(q, k, v, mask, scale)` for its few
 queries, reading only the visible keys. Why they exist and what they reach: rows.cpp's comments.
 
-It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native`,
+It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native -fopenmp-simd`,
 through torch.utils.cpp_extension; ~15 s, once per CPU model: the build is cached under
 ~/.cache/torch_extensions with the CPU in its name) and registered as the operators
 `torch.ops.lmforge.linear_rows` and `decode_attention`, which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
@@ -48,7 +48,7 @@ def available() -> bool:
         load(
             name=_NAME,
             sources=[str(SRC)],
-            extra_cflags=["-O3", "-march=native"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
             is_python_module=False,
             verbose=False,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -178,8 +179,12 @@ class RunConfig:
     """compute precision: bf16 (autocast, fp32 master weights) or fp32; auto = bf16 where the hardware has it"""
     parallel: str = "auto"
     """under torchrun: ddp or fsdp (FSDP2 fully_shard); auto = ddp with several processes"""
+    dist_timeout: float = 300.0
+    """under torchrun: seconds a rank waits for the others; a rank without a heartbeat for this long is named and the job ends"""
     resume: str = "none"
     """none (or no, false: a fresh run), auto (continue from the run's latest checkpoint, if any) or a checkpoint directory"""
+    force: bool = False
+    """start a fresh run in a run directory that holds an earlier run, replacing its checkpoints, final/ and logs"""
     time_budget: str | None = None
     """e.g. 10m or 2h: measure throughput, then pick model size, tokens and batch to fit this time"""
     model: ModelSection = field(default_factory=ModelSection)
@@ -240,6 +245,96 @@ _SECTION_CLS = {
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"family", "extra"}
 
 
+# ---------------------------------------------------------------------------------------------- ranges
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: finite, within [lo, hi] (an end is open with lo_open/hi_open).
+
+    Range(0, lo_open=True) is "> 0", Range(1) is ">= 1", Range(0, 1, hi_open=True) is "in [0, 1)"."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def ok(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self, integer: bool) -> str:
+        what = "a whole number" if integer else "a finite number"
+        lo, hi = _num(self.lo), _num(self.hi)
+        if self.lo is not None and self.hi is not None:
+            return f"{what} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{what} {'>' if self.lo_open else '>='} {lo}"
+        return f"{what} {'<' if self.hi_open else '<='} {hi}" if self.hi is not None else what
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+FRACTION, OPEN_FRACTION = Range(0, 1), Range(0, 1, hi_open=True)
+
+# What each option may be, checked when a RunConfig is built (from YAML, the command line or a dict),
+# so that a nonsense value fails in one line before any work instead of deep inside torch (lr -1), as a
+# ZeroDivisionError (max_steps -5), or silently (tokens -10 trains one step, ckpt.every -1 saves every
+# step). Options not listed take any value of their type; None (an optional one left unset) is fine.
+RULES: dict[str, Range | tuple[str, ...]] = {
+    "task": ("pretrain", "sft"),
+    "parallel": ("auto", "none", "ddp", "fsdp"),
+    "dist_timeout": POSITIVE,
+    "data.seq_len": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.global_batch_tokens": AT_LEAST_1,
+    "train.max_steps": AT_LEAST_1,
+    "train.tokens": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.min_lr_ratio": FRACTION,
+    "train.schedule": ("cosine", "wsd", "constant"),
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.decay_fraction": FRACTION,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.beta1": OPEN_FRACTION,
+    "train.beta2": OPEN_FRACTION,
+    "train.eps": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.max_time": POSITIVE,
+    "eval.every": NON_NEGATIVE,
+    "eval.batches": AT_LEAST_1,
+    "eval.samples": NON_NEGATIVE,
+    "eval.max_new_tokens": NON_NEGATIVE,
+    "eval.temperature": NON_NEGATIVE,
+    "eval.top_k": NON_NEGATIVE,
+    "ckpt.every": NON_NEGATIVE,
+    "ckpt.keep": AT_LEAST_1,  # 0 would delete every checkpoint, the one just written included
+    "lora.rank": NON_NEGATIVE,
+    "lora.alpha": POSITIVE,
+    "lora.dropout": OPEN_FRACTION,
+    "log.every": AT_LEAST_1,
+    "log.peak_flops": POSITIVE,
+}
+
+
+def check_value(key: str, value) -> None:
+    """Raise a one-line UserError when `value` is not what RULES allows for option `key`."""
+    rule = RULES.get(key)
+    if rule is None or value is None:
+        return
+    if isinstance(rule, tuple):
+        if value not in rule:
+            raise UserError(f"--{key} {value!r}: choose one of {', '.join(rule)}")
+        return
+    if isinstance(value, bool) or not rule.ok(float(value)):
+        shown = _num(value) if isinstance(value, (int, float)) else repr(value)
+        raise UserError(f"--{key} {shown}: out of range; expected {rule.describe(isinstance(value, int))}")
+
+
 def _build(cls, d: dict, prefix: str):
     if not isinstance(d, dict):
         raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {d!r}")
@@ -266,6 +361,7 @@ def _build(cls, d: dict, prefix: str):
             kwargs[k] = _build(_SECTION_CLS[k], v or {}, f"{k}.")
         elif k != "overrides":
             kwargs[k] = coerce(v, tps[k], prefix + k)
+            check_value(prefix + k, kwargs[k])
     return cls(**kwargs)
 
 
@@ -389,7 +485,8 @@ def config_for_run(config: str | Path | None, overrides: dict, task: str) -> Run
     saved = cfg.run_dir / "config.yaml"
     if Resume.parse(cfg.resume).mode != "fresh" and saved.is_file():
         base = read_yaml(saved)
-        base.pop("resume", None)
+        base.pop("resume", None)  # how the saved run started is not how this one does
+        base.pop("force", None)
         cfg = load_config(config, overrides, base=base, task=task)
         cfg.name = cfg.name or default_name(cfg)
     return cfg

@@ -10,12 +10,17 @@ global batch divides evenly. Reading W micro-batches to keep one costs a memmap 
 
 Checkpoints hold full (unsharded) tensors gathered on rank 0 with torch.distributed.checkpoint's
 state-dict helpers, so DDP, FSDP and single-process runs read each other's checkpoints.
+
+No rank waits for the others longer than `timeout` (--dist_timeout, 5 minutes by default): a rank that
+stops is named by the others' watchdog (lmforge/train/watchdog.py) after `timeout` seconds, and the
+process group's own timeout, a little longer, ends a collective that every live rank is stuck in.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -33,6 +38,7 @@ class Dist:
     local_rank: int = 0
     parallel: str = "none"  # none | ddp | fsdp
     device: torch.device = torch.device("cpu")
+    timeout: float = 300.0  # seconds a rank waits for the others (watchdog; collectives a little longer)
 
     @property
     def main(self) -> bool:
@@ -43,8 +49,10 @@ class Dist:
         return self.world > 1
 
 
-def setup(parallel: str, device: str) -> Dist:
+def setup(parallel: str, device: str, timeout: float = 300.0) -> Dist:
     """Read torchrun's environment, pick the device and start the process group when there are several processes."""
+    if not (isinstance(timeout, (int, float)) and timeout > 0 and timeout < float("inf")):
+        raise UserError(f"--dist_timeout {timeout}: expected a number of seconds > 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if parallel not in ("auto", "none", "ddp", "fsdp"):
@@ -69,9 +77,17 @@ def setup(parallel: str, device: str) -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend, timeout=datetime.timedelta(minutes=30), device_id=dev if dev.type == "cuda" else None
+            backend,
+            timeout=datetime.timedelta(seconds=collective_timeout(timeout)),
+            device_id=dev if dev.type == "cuda" else None,
         )
-    return Dist(rank, world, local_rank, parallel, dev)
+    return Dist(rank, world, local_rank, parallel, dev, float(timeout))
+
+
+def collective_timeout(timeout: float) -> float:
+    """The process group's timeout: longer than the watchdog's by a margin, so that a rank that stopped is
+    named (watchdog) before the collective waiting for it gives up with a backend error."""
+    return timeout + max(10.0, 0.1 * timeout)
 
 
 def cleanup(d: Dist) -> None:
@@ -112,6 +128,38 @@ def grad_sync(model: nn.Module, d: Dist, sync: bool):
         model.set_requires_gradient_sync(False)
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def clip_grad_norm(params, max_norm: float, d: Dist) -> torch.Tensor:
+    """Clip the gradients of `params` to a global L2 norm of `max_norm` (inf: no clipping); returns the
+    norm before clipping (fp32, a 0-dim tensor, the same on every rank).
+
+    The sum of squares is accumulated in fp64: FSDP2 shards each gradient, so its norm is summed in
+    another order than one process sums it, and an fp32 sum would differ in the last bits. In bf16
+    such a bit in the clipping factor flips the bf16 rounding of some weights a few steps later, and
+    the losses drift apart by 1e-4 (issue 23). In fp64 the order does not reach the fp32 result.
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=d.device)
+    sharded = d.active and any(isinstance(g, DTensor) for g in grads)
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    norms = torch._foreach_norm(local, 2, dtype=torch.float64)
+    own = [  # a replicated gradient (all ranks hold it whole) is counted once, by rank 0
+        n
+        for g, n in zip(grads, norms)
+        if not sharded or not isinstance(g, DTensor) or any(pl.is_shard() for pl in g.placements) or d.main
+    ]
+    sq = torch.stack(own).square().sum() if own else torch.zeros((), dtype=torch.float64, device=d.device)
+    if sharded:
+        dist.all_reduce(sq)
+    total = sq.sqrt().float()
+    coef = max_norm / (total + 1e-6)
+    if math.isfinite(max_norm) and bool(coef < 1):
+        torch._foreach_mul_(local, coef)
+    return total
 
 
 def all_reduce(t: torch.Tensor, d: Dist, op: str = "sum") -> torch.Tensor:

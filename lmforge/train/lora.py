@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.compress.qlinear import QuantLinear
 from lmforge.train import peft_format as P
 from lmforge.utils import UserError, atomic_dir, parse_dtype
 
@@ -46,17 +47,25 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, scale: float | None = None
+        self,
+        base: nn.Linear | QuantLinear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        scale: float | None = None,
     ):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        # A quantized base (QLoRA) stays the module it is, under `.base` (its int8/int4 kernels run the
+        # frozen product); a float base's weight and bias are kept as this layer's own parameters.
+        self.base = base if isinstance(base, QuantLinear) else None
+        self.weight = None if self.base is not None else base.weight
+        self.bias = None if self.base is not None else base.bias
+        for p in base.parameters():
+            p.requires_grad_(False)
         self.rank, self.alpha = rank, alpha
         self.scale = alpha / rank if scale is None else scale
-        dev = base.weight.device
+        dev = base.qweight.device if self.base is not None else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -66,6 +75,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xd = self.lora_dropout(x)
         w, A, B = self.weight, self.lora_A, self.lora_B
+        if self.base is not None:  # quantized base: its kernel, then the update in x's dtype
+            a = F.linear(xd, A.to(x.dtype))  # (..., r)
+            return self.base(x) + F.linear(a * self.scale, B.to(x.dtype))
         if (
             torch.is_grad_enabled()
             and x.dtype == w.dtype == A.dtype == B.dtype
@@ -159,7 +171,7 @@ def apply_lora(
     wrapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in targets and type(child) is nn.Linear:
+            if name in targets and type(child) in (nn.Linear, QuantLinear):
                 setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
                 wrapped += 1
     if not wrapped:
@@ -243,7 +255,7 @@ def _attach(model: nn.Module, adapter: P.Adapter, path) -> None:
             child = model.get_submodule(name)
         except AttributeError:
             child = None
-        if type(child) is not nn.Linear:
+        if type(child) not in (nn.Linear, QuantLinear):
             raise UserError(f"{path}: the adapter adapts {name}, which is not a linear layer of this model")
         if A.shape[1] != child.in_features or B.shape[0] != child.out_features:
             raise UserError(
@@ -349,6 +361,11 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
+                if child.base is not None:
+                    raise UserError(
+                        "the adapter's base is quantized: merge it into the float model that was "
+                        "quantized (merge-lora --base FLOAT_DIR), then quantize the merged model"
+                    )
                 lin = nn.Linear(
                     child.in_features, child.out_features, bias=child.bias is not None, device="meta"
                 )
@@ -386,7 +403,9 @@ def merge_lora_dir(
     return save_model(model, out, tokenizer=tokenizer)
 
 
-def merge_lora_command(adapter: str, *, out: str, base: str | None = None, dtype: str | None = None) -> Path:
+def merge_lora_command(
+    adapter: str, *, out: str, base: str | None = None, dtype: str | None = None, force: bool = False
+) -> Path:
     """`lmforge merge-lora`: merge_lora_dir with the dtype by name, saying where the model went.
 
     Args:
@@ -396,7 +415,12 @@ def merge_lora_command(adapter: str, *, out: str, base: str | None = None, dtype
         base: the base checkpoint (default: base_model_name_or_path of the adapter's adapter_config.json,
             when that is a local directory)
         dtype: fp32, bf16 or fp16 for the merged weights (default: the base's)
+        force: replace what --out holds (never the adapter or its base: merging into the base would
+            apply the update twice on the next merge)
     """
+    from lmforge.outputs import check_output
+
+    check_output(out, "model", force=force, inputs=(adapter, _base_of(adapter, base)))
     merged = merge_lora_dir(adapter, out, base=base, dtype=parse_dtype(dtype) if dtype is not None else None)
     print(f"merged {adapter} into {merged}")
     return merged

@@ -36,15 +36,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, t: TrainSection, device: torch.device, sharded: bool = False):
-    """AdamW over `model`'s trainable parameters: fused kernels where torch has them (CUDA, CPU),
-    foreach for sharded (FSDP2 DTensor) parameters."""
+    """AdamW over `model`'s trainable parameters: fused kernels where torch has them (CUDA, CPU), for
+    FSDP2's sharded (DTensor) parameters too, so that a shard is updated exactly as one process updates
+    the whole tensor (foreach rounds differently in the last bit, which bf16 amplifies)."""
     groups = param_groups(model, t.weight_decay)
     if not groups:
         raise ValueError(
             "no trainable parameters: everything is frozen (check train.freeze_embeddings / lora)"
         )
     kw = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    if not sharded and device.type in ("cuda", "cpu"):
+    if device.type in ("cuda", "cpu"):
         kw["fused"] = True
     else:
         kw["foreach"] = True

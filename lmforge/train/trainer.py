@@ -40,8 +40,9 @@ from lmforge.train.config import Resume, RunConfig, default_name
 from lmforge.train.data import Data, make_data
 from lmforge.train.metrics import Metrics, format_duration, peak_flops, summary_lines, write_report
 from lmforge.train.optim import build_optimizer, decay_start, lr_at, set_lr
-from lmforge.train.state import Checkpointer, seed_all, step_dir
+from lmforge.train.state import Checkpointer, seed_all, step_dir, write_error
 from lmforge.train.validate import evaluate, sample
+from lmforge.train.watchdog import Watchdog
 from lmforge.utils import UserError, atomic_write_text, human_count
 
 # Model fields a fine-tuning run may change on a checkpoint it starts from (the rest are its shape).
@@ -61,14 +62,20 @@ def train(cfg: RunConfig, data: Data | None = None, loss_fn=None) -> dict:
     `loss_fn(model, x, y)` replaces the next-token loss `model(x, y)` (a mean over the targets), e.g.
     distillation (lmforge.compress.distill); validation still reports the next-token loss.
     """
-    d = D.setup(cfg.parallel, cfg.device)
+    d = D.setup(cfg.parallel, cfg.device, cfg.dist_timeout)
     ok = False
     threads = torch.get_num_threads()  # --time-budget may change it as it goes; the caller's comes back
     try:
-        with torch.enable_grad():  # whatever the caller's grad mode (a notebook, a test module) is
-            out = Trainer(cfg, d, data, loss_fn).train()
+        # enable_grad: whatever the caller's grad mode (a notebook, a test module) is; Watchdog: a peer
+        # rank that stops or dies ends this one with one line naming it (no-op for one process)
+        with torch.enable_grad(), Watchdog(d, cfg.run_dir) as wd:
+            out = wd.watch(Trainer(cfg, d, data, loss_fn)).train()
         ok = True
         return out
+    except OSError as e:  # disk full / read-only while writing logs: one line (checkpoints: atomic_dir's)
+        if (err := write_error(e, cfg.run_dir)) is None:
+            raise
+        raise err from e
     finally:
         torch.set_num_threads(threads)
         if ok:
@@ -88,7 +95,12 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.say = print if d.main else (lambda *a, **k: None)
         self.checkpointer = Checkpointer(
-            self.run_dir, Resume.parse(cfg.resume), d, keep=cfg.ckpt.keep, base=cfg.model.init_from
+            self.run_dir,
+            Resume.parse(cfg.resume),
+            d,
+            keep=cfg.ckpt.keep,
+            base=cfg.model.init_from,
+            force=cfg.force,
         )
         resuming = self.checkpointer.resume_from is not None
         self.device = d.device
@@ -146,6 +158,11 @@ class Trainer:
         if cfg.model.init_from:
             model = load_model(cfg.model.init_from, device=dev, dtype=torch.float32)
             _set_overridable(model, mc)
+            if model.config.extra.get("quantization_config") and not cfg.lora.rank:
+                raise UserError(
+                    f"{cfg.model.init_from} is quantized: its int8/int4 weights do not train; fine-tune "
+                    "it with LoRA (--lora.rank 16), or fine-tune the float model it came from"
+                )
         else:
             model = build(mc, device=dev, dtype=torch.float32)
             model.init_weights(cfg.seed)  # same weights on every rank (FSDP shards what each rank built)
@@ -314,11 +331,9 @@ class Trainer:
         except torch.OutOfMemoryError:
             raise UserError(_oom_message(cfg, step)) from None
         loss_t = D.all_reduce(loss_sum.float().reshape(1), d) / W
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip or float("inf")
+        grad_norm = D.clip_grad_norm(  # fp64 sums: FSDP2 gives the norm one process gives
+            [p for p in model.parameters() if p.requires_grad], cfg.train.grad_clip or float("inf"), d
         )
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
         loss_v, gnorm = float(loss_t), float(grad_norm)
         if not (math.isfinite(loss_v) and math.isfinite(gnorm)):
             what = f"loss {loss_v}" if not math.isfinite(loss_v) else f"gradient norm {gnorm}"
@@ -561,6 +576,11 @@ def model_config(cfg: RunConfig, data: Data) -> ModelConfig:
             raise UserError(
                 f"--model.{bad[0]} cannot change a checkpoint's shape (init_from "
                 f"{cfg.model.init_from}); only {', '.join(sorted(_INIT_OVERRIDABLE))} may be overridden"
+            )
+        if data.vocab_size and mc.vocab_size < data.vocab_size:
+            raise UserError(
+                f"--model.init_from {cfg.model.init_from}: the model has {mc.vocab_size} token embeddings but "
+                f"the tokenizer has {data.vocab_size} token ids; use the tokenizer the model was trained with"
             )
         return mc.replace(**over)
     tok = data.tokenizer
