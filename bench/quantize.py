@@ -60,7 +60,7 @@ def variants(ckpt: Path, out: Path, calibration: str) -> dict[str, tuple[Path, s
     for name, kw in jobs.items():
         d = out / name.replace(" ", "-").replace("(", "").replace(")", "").replace("/", "-")
         t0 = time.perf_counter()
-        quantize(ckpt, d, eval_data=None, log=lambda *a: None, device="cpu", **kw)
+        quantize(ckpt, d, eval_data=None, log=lambda *a: None, device="cpu", force=True, **kw)  # ours
         print(f"  {name}: written in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         v[name] = (d, None)
     return v

@@ -89,6 +89,9 @@ TINY: dict[str, str] = {
     "lmforge pretrain --config configs/tiny-cpu.yaml --time-budget": _BUDGET,
     "lmforge pretrain --data.path runs/data --data.tokenizer runs/tok --time-budget": _BUDGET,
     "lmforge pretrain --config": _NEW,
+    # the workspace already holds a checkpoint at runs/tiny-cpu/final (for the pages that use it): the
+    # page's first run of the recipe replaces it, as a user's second run there would with --force
+    "lmforge pretrain --config configs/tiny-cpu.yaml": f"{_NEW} --force",
     "lmforge pretrain --name tiny-cpu --resume auto": "--train.max_steps 3",
     "torchrun --nproc-per-node 8 -m lmforge pretrain": _TORCHRUN,
     "lmforge finetune": _RUN,

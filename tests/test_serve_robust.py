@@ -112,8 +112,10 @@ def test_a_huge_prompt_does_not_stall_other_streams(server):
     assert err["code"] == "context_length_exceeded"
     assert_error(r_chat, 400, "messages")
     assert busy > 0.5  # the tokenizer did work for a while, during which:
-    assert gaps and max(gaps) < 0.25, sorted(gaps)[-5:]
-    assert len(health) > 5 and max(health) < 0.25, sorted(health)[-5:]
+    # a stalled event loop would hold a token (and /health) for the whole tokenization (`busy`); a slow
+    # shared CPU alone makes a decode step ~0.3 s at worst
+    assert gaps and max(gaps) < 0.5, sorted(gaps)[-5:]
+    assert len(health) > 5 and max(health) < 0.5, sorted(health)[-5:]
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bytes:
