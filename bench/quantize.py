@@ -43,8 +43,10 @@ def ours(lm, prompt: list[int]):
     )
 
 
-def variants(ckpt: Path, out: Path, calibration: str) -> dict[str, tuple[Path, str | None]]:
-    """name -> (checkpoint directory, dtype to load it in)."""
+def variants(
+    ckpt: Path, out: Path, calibration: str, samples: int = 128
+) -> dict[str, tuple[Path, str | None]]:
+    """name -> (checkpoint directory, dtype to load it in); GPTQ/AWQ on `samples` windows of 256 tokens."""
     lmforge.load(ckpt, device="cpu", dtype="bf16").save(out / "bf16")  # a bf16 copy of every weight
     v = {"fp32": (ckpt, "fp32"), "bf16": (out / "bf16", "bf16")}
     jobs = {
@@ -60,6 +62,8 @@ def variants(ckpt: Path, out: Path, calibration: str) -> dict[str, tuple[Path, s
     for name, kw in jobs.items():
         d = out / name.replace(" ", "-").replace("(", "").replace(")", "").replace("/", "-")
         t0 = time.perf_counter()
+        if "calibration_data" in kw:
+            kw["calibration_samples"] = samples
         quantize(ckpt, d, eval_data=None, log=lambda *a: None, device="cpu", force=True, **kw)  # ours
         print(f"  {name}: written in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
         v[name] = (d, None)
@@ -68,7 +72,7 @@ def variants(ckpt: Path, out: Path, calibration: str) -> dict[str, tuple[Path, s
 
 def part1(args, out: Path) -> list[dict]:
     ckpt = Path(args.checkpoint)
-    v = variants(ckpt, out, args.calibration_data)
+    v = variants(ckpt, out, args.calibration_data, 4 if args.smoke else 128)
     lms = {k: lmforge.load(p, device="cpu", dtype=dt) for k, (p, dt) in v.items()}
     rows = []
     for k, lm in lms.items():
