@@ -88,7 +88,7 @@ def _relation(out: Path, inp: Path) -> str | None:
     return None
 
 
-def _check_writable(p: Path, option: str) -> None:
+def check_writable(p: Path, option: str) -> None:
     """A read-only file system or a folder this user cannot write fails now, not after the work; the
     nearest existing folder tells, so that nothing is created to find out."""
     d = p.absolute()
@@ -143,7 +143,7 @@ def check_output(
     p = Path(out)
     where = f"{option} {p}"
     check_not_input(p, inputs, option)
-    _check_writable(p, option)
+    check_writable(p, option)
     have = output_kind(p)
     if have is None:
         return p

@@ -38,6 +38,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lmforge import outputs
 from lmforge.checkpoint import load_model, read_config, save_state_dict
 from lmforge.config import ModelConfig
 from lmforge.train import distributed as D
@@ -235,18 +236,10 @@ def clear_outputs(run_dir: Path) -> None:
 
 
 def check_writable(run_dir: Path) -> None:
-    """Refuse at once (before any work) a run directory that cannot be written: read-only or no permission.
-    The nearest existing parent tells, so that nothing is created to find out."""
-    p = Path(run_dir).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    if not p.is_dir():
-        raise UserError(f"--out_dir/--name {run_dir}: {p} is a file, not a directory")
-    if os.access(p, os.W_OK | os.X_OK):
-        return
-    ro = hasattr(os, "ST_RDONLY") and os.statvfs(p).f_flag & os.ST_RDONLY
-    why = "a read-only file system" if ro else "not writable by this user"
-    raise UserError(f"cannot write the run directory {run_dir}: {p} is {why}; choose another --out_dir")
+    """Refuse at once (before any work) a run directory that is a file, or that cannot be written."""
+    if Path(run_dir).is_file():
+        raise UserError(f"--out_dir/--name {run_dir}: is a file, not a directory")
+    outputs.check_writable(Path(run_dir), "--out_dir")
 
 
 def write_error(e: OSError, run_dir: Path) -> UserError | None:
