@@ -99,6 +99,15 @@ def _reference_logits(d, x):
     return load_model(plain)(x)
 
 
+def _elsewhere_logits(d, fmt, x):
+    """Logits of an exported directory outside lmforge's loader."""
+    if fmt == "compressed-tensors":  # transformers + compressed-tensors run it on CPU
+        pytest.importorskip("compressed_tensors")
+        return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)(x).logits
+    # transformers needs gptqmodel (CUDA wheels) for these: the spec's dequantization instead
+    return _reference_logits(d, x)
+
+
 # --------------------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_lmforge_format_never_loads_in_transformers_as_random_weights(method, tmp_path):
@@ -128,12 +137,7 @@ def test_export_loads_elsewhere_and_reimports_exactly(method, fmt, tmp_path):
         assert torch.equal(ours[n].dequantize(), theirs[n].dequantize()), n
     assert torch.equal(_dequant_mode(back)(x), want)
 
-    if fmt == "compressed-tensors":  # transformers + compressed-tensors run it on CPU
-        pytest.importorskip("compressed_tensors")
-        hm = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-        got = hm(x).logits
-    else:  # transformers needs gptqmodel (CUDA wheels) for these: the spec's dequantization instead
-        got = _reference_logits(d, x)
+    got = _elsewhere_logits(d, fmt, x)
     assert float((got - want).norm() / want.norm()) < 1e-3
 
 
@@ -155,11 +159,7 @@ def test_calibrated_exports_exactly(method, algorithm, fmt, tmp_path):
     x = torch.randint(0, q.config.vocab_size, (1, 7))
     want = q(x)
     assert torch.equal(_dequant_mode(load_model(tmp_path / fmt))(x), want)
-    if fmt == "compressed-tensors":
-        pytest.importorskip("compressed_tensors")
-        got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / fmt, dtype=torch.float32)(x).logits
-    else:
-        got = _reference_logits(tmp_path / fmt, x)
+    got = _elsewhere_logits(tmp_path / fmt, fmt, x)
     assert float((got - want).norm() / want.norm()) < 1e-3
 
 
