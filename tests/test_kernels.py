@@ -2,6 +2,7 @@
 weights in huge pages (hugepages.py): results against PyTorch's own products and attention in float64."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,41 @@ def test_linear_rows_equals_the_product(wdtype, M, K):
     yb = rows.linear_rows(x.bfloat16(), w, scale, bias)
     assert yb.dtype == torch.bfloat16
     torch.testing.assert_close(yb, _ref(x.bfloat16(), w, scale, bias).to(torch.bfloat16), atol=tol, rtol=1e-2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_kernels_give_the_same_bits_at_every_thread_count(wdtype):
+    """Threads split output rows (and attention's heads x rows), never a sum: 1 thread and 3 (more
+    than this machine may have: OpenMP runs them anyway) give bit-identical results. And they do
+    split: the build calls OpenMP's parallel regions (without -fopenmp at::parallel_for is a loop)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    (so,) = Path(_get_build_directory(rows._NAME, verbose=False)).glob("*.so")
+    assert b"GOMP_parallel" in so.read_bytes()
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(1001, 577, generator=g)
+    w = (
+        torch.randint(-127, 128, w.shape, generator=g).to(torch.int8)
+        if wdtype == torch.int8
+        else w.to(wdtype)
+    )
+    scale = torch.rand(1001, generator=g) / 100 if wdtype == torch.int8 else None
+    q, k, v, mask = _attention_case(3, 12, 4, 2, 70, 64, 24, seed=3)
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            out[n] = [
+                rows.linear_rows(torch.randn(m, 577, generator=torch.Generator().manual_seed(m)), w, scale)
+                for m in (1, 3, 8)
+            ]
+            out[n].append(rows.decode_attention(q, k, v, mask, 0.125))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(out[1], out[3]):
+        assert torch.equal(a, b)
 
 
 @needs_kernel

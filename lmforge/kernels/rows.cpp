@@ -9,9 +9,11 @@
 // streams), converting 16 weights per instruction group and keeping two fp32 accumulators per row
 // so the FMA latency is hidden (bench/decode.py and docs/benchmarks.md "Decode" measure both). Short
 // rows (a small model's layers) go 16 at a time instead, their sums reduced and stored together.
-// Built by lmforge/kernels/rows.py with the host compiler (-O3 -march=native -fopenmp-simd); without
-// AVX-512, plain loops the compiler vectorises: their `omp simd reduction`s need -fopenmp-simd, without
-// which GCC keeps each fp32 sum in order, one element at a time (1.6-7x slower on an AVX2 CPU, measured).
+// Built by lmforge/kernels/rows.py with the host compiler (-O3 -march=native -fopenmp, linking torch's
+// own OpenMP runtime): at::parallel_for splits output rows across torch's threads (a plain loop
+// without -fopenmp). Without AVX-512, plain loops the compiler vectorises: their `omp simd reduction`s
+// need OpenMP too, without which GCC keeps each fp32 sum in order, one element at a time (1.6-7x
+// slower on an AVX2 CPU, measured).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

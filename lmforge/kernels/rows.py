@@ -2,7 +2,7 @@
 decode step, with fp32, bf16 or int8 weights, and `decode_attention(q, k, v, mask, scale)` for its few
 queries, reading only the visible keys. Why they exist and what they reach: rows.cpp's comments.
 
-It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native -fopenmp-simd`,
+It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native -fopenmp`,
 through torch.utils.cpp_extension; ~15 s, once per CPU model: the build is cached under
 ~/.cache/torch_extensions with the CPU in its name) and registered as the operators
 `torch.ops.lmforge.linear_rows` and `decode_attention`, which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
@@ -48,7 +48,9 @@ def available() -> bool:
         load(
             name=_NAME,
             sources=[str(SRC)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            # at::parallel_for is OpenMP inlined from the headers: without -fopenmp it is a plain loop
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=_openmp_ldflags(),
             is_python_module=False,
             verbose=False,
         )
@@ -65,6 +67,15 @@ def available() -> bool:
     global LOADED
     LOADED = True
     return True
+
+
+def _openmp_ldflags() -> list[str]:
+    """Link the OpenMP runtime torch itself loads (the pip wheels ship libgomp in torch/lib), so that
+    the kernel's threads are torch's pool, sized by torch.set_num_threads; else the compiler's."""
+    gomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if gomp.exists():
+        return [f"-L{gomp.parent}", "-l:libgomp.so.1", f"-Wl,-rpath,{gomp.parent}"]
+    return ["-fopenmp"]
 
 
 def _why(e: Exception) -> str:
@@ -87,7 +98,8 @@ def _cpu_id() -> str:
     return hashlib.sha1("\n".join(keep).encode()).hexdigest()[:10]
 
 
-_NAME = f"lmforge_rows_{_cpu_id()}"  # the build's name, hence its cache directory, is per CPU
+# the build's name, hence its cache directory, is per CPU (and per build flags: "2" = with OpenMP)
+_NAME = f"lmforge_rows2_{_cpu_id()}"
 
 
 def _built() -> bool:
