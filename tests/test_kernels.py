@@ -155,7 +155,7 @@ def test_install_swaps_modules_keeping_parameters_and_uninstall_swaps_back(famil
     Parameter objects (ties kept): same parameters, same logits (decode steps included), idempotent;
     uninstall gives plain modules again. Soft-capped attention (Gemma 2) stays plain."""
     from lmforge.config import preset
-    from lmforge.kernels.decode import DecodeAttention
+    from lmforge.kernels.decode import DecodeAttention, DecodeBlock
     from lmforge.model import Attention, build
 
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_install_swaps_modules_keeping_parameters_and_uninstall_swaps_back(famil
     assert model.config.tie_embeddings == (model.lm_head.weight is model.tok_emb.weight)
     torch.testing.assert_close(_prefill_and_decode(model, ids), ref, atol=1e-4, rtol=0)
     kernels.uninstall(model)
-    assert not any(isinstance(m, (DecodeLinear, DecodeAttention)) for m in model.modules())
+    assert not any(isinstance(m, (DecodeLinear, DecodeAttention, DecodeBlock)) for m in model.modules())
     assert all(p is params[k] and p.is_contiguous() for k, p in model.named_parameters())
     torch.testing.assert_close(_prefill_and_decode(model, ids), ref, atol=1e-4, rtol=0)
 
@@ -287,3 +287,53 @@ def test_weights_move_to_huge_pages_keeping_values_strides_and_ties():
     model["lin"](torch.randn(2, 256)).sum().backward()
     opt.step()
     assert not torch.equal(lin.weight, before["lin.weight"])
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "family, dtype, over",
+    [
+        ("llama", torch.float32, {}),  # GQA, SiLU GLU
+        ("llama", torch.bfloat16, {}),
+        ("qwen2", torch.float32, {}),  # q/k/v biases
+        ("gemma", torch.bfloat16, {}),  # RMSNorm by 1 + w, GELU (tanh), multi-query
+        ("phi3", torch.float32, dict(partial_rotary_factor=0.5)),  # RoPE on half of each head
+        ("mistral", torch.float32, dict(sliding_window=6)),  # a ring-buffer cache of 6 slots
+        ("gpt2", torch.float32, {}),  # LayerNorm: not fused, the eager block
+    ],
+)
+def test_fused_decode_layer_equals_the_eager_blocks(monkeypatch, family, dtype, over):
+    """kernels.install fuses each supported block's decode step into one decode_layer call: a left-padded
+    batch of 2 (masks), prefilled and decoded 6 steps, gives the logits of the eager model in float64."""
+    from lmforge.config import preset
+    from lmforge.kernels.decode import DecodeBlock
+    from lmforge.model import build
+
+    torch.manual_seed(0)
+    model = build(preset(family, "debug", vocab_size=300, **over)).eval()
+    ref = build(preset(family, "debug", vocab_size=300, **over)).eval()
+    with torch.no_grad():  # larger weights than init's: peaked attention, which a wrong score would show
+        for p in model.parameters():
+            p.mul_(4 if p.dim() == 2 else 1)
+    ref.load_state_dict(model.state_dict())
+    model, ref = model.to(dtype), ref.to(dtype).double()
+    kernels.install(model)
+    fused = [type(b) is DecodeBlock for b in model.blocks]
+    assert all(fused) == (family != "gpt2") and any(fused) == all(fused)
+    calls = []
+    op = torch.ops.lmforge.decode_layer
+    monkeypatch.setattr(torch.ops.lmforge, "decode_layer", lambda *a: calls.append(1) or op(*a))
+    ids = torch.randint(0, 300, (2, 5))
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[0, :2] = False  # row 0 left-padded
+    got, want = [], []
+    for m, out in ((model, got), (ref, want)):
+        cache = m.new_cache(2, 12, dtype=m.tok_emb.weight.dtype)
+        with torch.no_grad():
+            out.append(m(ids, attention_mask=valid, cache=cache, logits_to_keep=1))
+            for t in range(6):
+                out.append(m(ids[:, t % 5 : t % 5 + 1], cache=cache))
+    assert len(calls) == (0 if family == "gpt2" else 6 * model.config.n_layers)  # the decode steps only
+    got, want = torch.cat(got, 1).double(), torch.cat(want, 1)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2  # bf16: the eager path rounds at every op
+    torch.testing.assert_close(got, want, atol=tol * float(want.abs().max()), rtol=0)

@@ -36,8 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge.cache import KVCache
 from lmforge.kernels import hugepages, rows
-from lmforge.model import Attention
+from lmforge.model import MLP, Attention, Block, Norm
 
 # Rows up to which the oneDNN-packed bf16 copy is used (the reorder is made for this many rows).
 MAX_PACKED_ROWS = 64
@@ -93,6 +94,68 @@ class DecodeAttention(Attention):
         return super().attend(q, k, v, mask, is_causal)
 
 
+# MLP activations the fused layer computes (rows.cpp's Act codes)
+_ACT = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
+
+
+def _weights(m: nn.Module):
+    """(weight, scale, bias) of a Linear the row kernel reads as it is, else None (LoRA, int4, ...)."""
+    if type(m) is DecodeLinear:
+        return m.weight, None, m.bias
+    if type(m).__name__ == "QuantLinear" and m.bits == 8 and m.kernel == "int8pack_cpu":  # compress/qlinear.py
+        return m.qweight, m.scales, m.bias
+    return None
+
+
+class DecodeBlock(Block):
+    """Block whose decode steps (few rows, no autograd, a KVCache written at a slot) run as one
+    `decode_layer` call: the norms, projections, RoPE, cache write, attention, residual adds and MLP
+    of the layer in C++ (rows.cpp), instead of ~50 PyTorch ops. Swapped in only for pre-norm RMSNorm
+    blocks with a dense MLP and no q/k norms (Llama, Qwen2, Mistral, SmolLM, Gemma 1, Phi-3 ...); any
+    other call, or a layer that changed (LoRA applied), runs the eager Block."""
+
+    def forward(self, x, rope, mask, is_causal, cache):
+        B, T, _ = x.shape
+        a, mlp = self.attn, self.mlp
+        if (
+            not rows.LOADED
+            or torch.is_grad_enabled()
+            or (self.training and self.drop.p > 0)
+            or is_causal
+            or type(cache) is not KVCache
+            or cache._chunk[0] not in ("slice", "ring1")
+            or x.device.type != "cpu"
+        ):
+            return super().forward(x, rope, mask, is_causal, cache)
+        ws = [_weights(m) for m in (a.wqkv, a.wo, mlp.w_in, mlp.w_out)]
+        if any(w is None for w in ws) or B * T > rows.MAX_ROWS.get(ws[0][0].dtype, 0):
+            return super().forward(x, rope, mask, is_causal, cache)
+        kind, slot, _ = cache._chunk
+        kc, vc = cache.k[a.layer], cache.v[a.layer]
+        S = slot + T if kind == "slice" else kc.shape[2]  # the slots attended: the written ones, or the ring
+        cos, sin = rope if rope is not None else (None, None)
+        return torch.ops.lmforge.decode_layer(
+            x, [w for w, _, _ in ws], [s for _, s, _ in ws], [b for _, _, b in ws],
+            [self.attn_norm.weight, self.mlp_norm.weight], self.attn_norm.eps, self.attn_norm.unit_offset,
+            cos, sin, kc, vc, slot, S, mask, a.n_heads, a.n_kv, a.scale, _ACT[a.cfg.act], mlp.glu,
+        )  # fmt: skip
+
+
+def _fusable(b: nn.Module) -> bool:
+    """A block decode_layer computes: pre-norm RMSNorm, dense MLP, no q/k norms, no soft-capping."""
+    return (
+        type(b) is Block
+        and not b.post_norm
+        and all(type(n) is Norm and n.kind == "rmsnorm" for n in (b.attn_norm, b.mlp_norm))
+        and all(type(n) is nn.Identity for n in (b.attn_post_norm, b.mlp_post_norm))
+        and type(b.mlp) is MLP
+        and b.attn.cfg.act in _ACT
+        and not b.attn.qk_norm
+        and b.attn.softcap is None
+        and b.attn.cfg.q_dim == b.attn.n_heads * b.attn.hd
+    )
+
+
 def _swapped(m: nn.Module, cls: type) -> nn.Module:
     """A module of class cls with m's state: the same Parameter, buffer and submodule objects."""
     new = cls.__new__(cls)
@@ -138,6 +201,7 @@ def install(model: nn.Module) -> nn.Module:
                 w.data = w.data.t().contiguous().t()  # same (out, in) tensor, stored (in, out)
     if kernel:
         _swap(model, lambda m: DecodeAttention if type(m) is Attention and m.softcap is None else None)
+        _swap(model, lambda m: DecodeBlock if _fusable(m) else None)
     hugepages.place(model)
     return model
 
@@ -147,6 +211,7 @@ def uninstall(model: nn.Module) -> nn.Module:
     packed copies freed. Returns the model."""
     _swap(model, lambda m: nn.Linear if type(m) is DecodeLinear else None)
     _swap(model, lambda m: Attention if type(m) is DecodeAttention else None)
+    _swap(model, lambda m: Block if type(m) is DecodeBlock else None)
     for m in model.modules():
         if type(m) is nn.Linear and not m.weight.is_contiguous():
             m.weight.data = m.weight.data.contiguous()
@@ -164,6 +229,8 @@ def installed(model: nn.Module) -> list[str]:
         done.append("attention on lmforge's decode kernel")
     if linears and rows.LOADED and any(m.softcap is not None for m in attention):
         done.append("soft-capped attention on PyTorch (the kernel cannot express soft-capping)")
+    if any(isinstance(m, DecodeBlock) for m in model.modules()):
+        done.append("decode steps fused per layer")
     if any(getattr(t, "_lmf_huge", None) == t.data_ptr() for t in model.parameters()):
         done.append("weights in huge pages")
     return done

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -526,13 +527,189 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// lmforge::decode_layer: one pre-norm decoder block of a decode step in one call, so that a step costs
+// one dispatch per layer instead of ~50 (norms, RoPE, cache writes, residual adds, the MLP's
+// activation each were an op of their own: 4-8 ms of a 20-30 ms step of a 30-layer model in eager
+// PyTorch, measured). The block (model.py's Block, Attention and MLP, for the families whose blocks
+// are x + attn(norm(x)), then x + mlp(norm(x))):
+//   h = rmsnorm(x); q, k, v = split(h Wqkv^T + b); q, k = rope(q), rope(k)   (first `rot` channels)
+//   cache[:, :, slot : slot + T] = k, v;  a = attention(q, cache[:, :, :S], mask)
+//   x = x + a Wo^T + b;  h = rmsnorm(x);  g = h Win^T + b
+//   x = x + (act(g[:, :F]) * g[:, F:]  (gated)  or  act(g)) Wout^T + b
+// x (B, T, d) fp32 or bf16 (the residual stream, rounded to its dtype after each add, as eager does);
+// weights w[i] fp32, bf16 or int8 with scales (Wqkv, Wo, Win, Wout); norm weights (d,) (RMSNorm as
+// Llama's, or Gemma's 1 + w); cos, sin (B or 1, T, 1, rot): model.py's full-width RoPE tables (or
+// undefined: no RoPE); kc, vc (B, KV, S_max, hd) the layer's cache (any strides but the last);
+// mask (B, 1, T, S) or none. Everything in between is fp32 (the eager path rounds q, k, v and the
+// activations to bf16 on the way: results agree to bf16's precision, not bit for bit).
+enum Act { kSilu = 0, kGeluTanh = 1, kGelu = 2, kRelu = 3 };
+
+inline float act(float v, int64_t kind) {
+  switch (kind) {
+    case kSilu: return v / (1.f + std::exp(-v));
+    case kGeluTanh: return 0.5f * v * (1.f + std::tanh(0.7978845608f * (v + 0.044715f * v * v * v)));
+    case kGelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678f));
+    default: return v > 0.f ? v : 0.f;
+  }
+}
+
+// y (M, N) fp32 = x (M, K) fp32 @ (w * scale)^T + bias, on the row kernel (split across threads)
+void product(const at::Tensor& w, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+             const float* x, float* y, int64_t M) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "decode_layer: weights (N, K) contiguous");
+  const int64_t N = w.size(0), K = w.size(1);
+  const Col sc(scale, N, "scale"), bi(bias, N, "bias");
+  const Out out{y, nullptr};
+  switch (w.scalar_type()) {
+    case at::kFloat: rows(w.data_ptr<float>(), x, sc, bi, out, M, N, K); break;
+    case at::kBFloat16: rows(w.data_ptr<c10::BFloat16>(), x, sc, bi, out, M, N, K); break;
+    case at::kChar: rows(w.data_ptr<int8_t>(), x, sc, bi, out, M, N, K); break;
+    default: TORCH_CHECK(false, "decode_layer: weights must be float32, bfloat16 or int8, not ", w.scalar_type());
+  }
+}
+
+// y (M, d) = rmsnorm of x (M, d) by weight w (d,): w * x / sqrt(mean(x^2) + eps), or (1 + w) * ...
+void rms_rows(const float* x, const Col& w, float unit, double eps, int64_t M, int64_t d, float* y) {
+  for (int64_t m = 0; m < M; m++) {
+    const float* xm = x + m * d;
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t c = 0; c < d; c++) ss += xm[c] * xm[c];
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
+    for (int64_t c = 0; c < d; c++) y[m * d + c] = xm[c] * r * (unit + w.get(c, 1.f));
+  }
+}
+
+// v as fp32: from x's storage (fp32 or bf16), element i of a contiguous tensor
+inline float read(const at::Tensor& t, int64_t i) {
+  return t.scalar_type() == at::kFloat ? t.data_ptr<float>()[i] : to_f32(t.data_ptr<c10::BFloat16>()[i]);
+}
+
+template <typename E>
+at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<std::optional<at::Tensor>>& scale,
+                 const std::vector<std::optional<at::Tensor>>& bias, const std::vector<at::Tensor>& norm, double eps,
+                 bool unit_offset, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                 const at::Tensor& kc, const at::Tensor& vc, int64_t slot, int64_t S, const at::Tensor& mask,
+                 int64_t H, int64_t KV, double scale_qk, int64_t act_kind, bool glu) {
+  const int64_t B = x.size(0), T = x.size(1), d = x.size(2), M = B * T, hd = kc.size(3);
+  const int64_t QKV = (H + 2 * KV) * hd, F = glu ? w[2].size(0) / 2 : w[2].size(0);
+  TORCH_CHECK(w[0].size(0) == QKV && w[0].size(1) == d && w[1].size(0) == d && w[1].size(1) == H * hd &&
+                  w[2].size(1) == d && w[3].size(0) == d && w[3].size(1) == F,
+              "decode_layer: weight shapes do not match the block");
+  TORCH_CHECK(kc.size(0) == B && kc.size(1) == KV && vc.sizes() == kc.sizes() && kc.stride(3) == 1 &&
+                  vc.stride(3) == 1 && slot + T <= kc.size(2) && S <= kc.size(2),
+              "decode_layer: cache (B, KV, S, hd) with room for the chunk");
+  const float unit = unit_offset ? 1.f : 0.f;
+  const Col n0(norm[0], d, "norm"), n1(norm[1], d, "norm");
+  std::vector<float> xf(M * d), h(M * d), qkv(M * QKV), g(M * w[2].size(0)),
+      a(M * F), o(M * d);
+  const at::Tensor xc = x.contiguous();
+  for (int64_t i = 0; i < M * d; i++) xf[i] = read(xc, i);
+  // attention: norm, q k v, RoPE on the q and k heads, k v into the cache
+  rms_rows(xf.data(), n0, unit, eps, M, d, h.data());
+  product(w[0], scale[0], bias[0], h.data(), qkv.data(), M);
+  if (cos) {
+    const int64_t rot = cos->size(3), half = rot / 2;
+    const at::Tensor cs = cos->contiguous(), sn = sin->contiguous();
+    float tmp[1024];
+    TORCH_CHECK(rot <= hd && rot <= 1024 && rot % 2 == 0, "decode_layer: RoPE over at most hd channels");
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t t = 0; t < T; t++) {
+        const int64_t base = ((cs.size(0) == 1 ? 0 : b) * T + t) * rot;  // (B or 1, T, 1, rot)
+        float* row = qkv.data() + (b * T + t) * QKV;
+        for (int64_t hh = 0; hh < H + KV; hh++) {
+          float* v = row + hh * hd;
+          for (int64_t c = 0; c < rot; c++) tmp[c] = v[c];
+          for (int64_t c = 0; c < rot; c++)
+            v[c] = tmp[c] * read(cs, base + c) + tmp[(c + half) % rot] * read(sn, base + c);
+        }
+      }
+  }
+  at::Tensor q = at::empty({B, H, T, hd}, kc.options());
+  E* qp = q.data_ptr<E>();
+  E* kp = kc.data_ptr<E>();
+  E* vp = vc.data_ptr<E>();
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t t = 0; t < T; t++) {
+      const float* row = qkv.data() + (b * T + t) * QKV;
+      for (int64_t hh = 0; hh < H; hh++)
+        for (int64_t c = 0; c < hd; c++) qp[((b * H + hh) * T + t) * hd + c] = E(row[hh * hd + c]);
+      for (int64_t g2 = 0; g2 < KV; g2++) {
+        E* kr = kp + b * kc.stride(0) + g2 * kc.stride(1) + (slot + t) * kc.stride(2);
+        E* vr = vp + b * vc.stride(0) + g2 * vc.stride(1) + (slot + t) * vc.stride(2);
+        for (int64_t c = 0; c < hd; c++) {
+          kr[c] = E(row[(H + g2) * hd + c]);
+          vr[c] = E(row[(H + KV + g2) * hd + c]);
+        }
+      }
+    }
+  at::Tensor y = at::empty({B, T, H, hd}, at::TensorOptions().dtype(at::kFloat));
+  attend<E>(q, kc.narrow(2, 0, S), vc.narrow(2, 0, S), mask, static_cast<float>(scale_qk),
+            Out{y.data_ptr<float>(), nullptr});
+  product(w[1], scale[1], bias[1], y.data_ptr<float>(), o.data(), M);
+  at::Tensor out = at::empty_like(xc);
+  auto round = [&](int64_t i, float v) -> float {  // the residual in x's dtype, as eager keeps it
+    if (out.scalar_type() == at::kFloat) return out.data_ptr<float>()[i] = v;
+    return to_f32(out.data_ptr<c10::BFloat16>()[i] = c10::BFloat16(v));
+  };
+  for (int64_t i = 0; i < M * d; i++) xf[i] = round(i, xf[i] + o[i]);
+  // MLP: norm, in, activation, out
+  rms_rows(xf.data(), n1, unit, eps, M, d, h.data());
+  product(w[2], scale[2], bias[2], h.data(), g.data(), M);
+  const int64_t G = w[2].size(0);
+  for (int64_t m = 0; m < M; m++)
+    for (int64_t c = 0; c < F; c++)
+      a[m * F + c] = glu ? act(g[m * G + c], act_kind) * g[m * G + F + c] : act(g[m * G + c], act_kind);
+  product(w[3], scale[3], bias[3], a.data(), o.data(), M);
+  for (int64_t i = 0; i < M * d; i++) round(i, xf[i] + o[i]);
+  return out;
+}
+
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const c10::List<std::optional<at::Tensor>>& scale,
+                        const c10::List<std::optional<at::Tensor>>& bias, at::TensorList norm, double eps,
+                        bool unit_offset, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                        const at::Tensor& kc, const at::Tensor& vc, int64_t slot, int64_t S,
+                        const std::optional<at::Tensor>& mask, int64_t H, int64_t KV, double scale_qk,
+                        int64_t act_kind, bool glu) {
+  TORCH_CHECK(x.dim() == 3 && x.device().is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "decode_layer: x (B, T, d) float32 or bfloat16 on CPU");
+  TORCH_CHECK(w.size() == 4 && scale.size() == 4 && bias.size() == 4 && norm.size() == 2,
+              "decode_layer: 4 weights (qkv, o, in, out) with their scales and biases, 2 norms");
+  TORCH_CHECK(kc.dim() == 4 && kc.scalar_type() == vc.scalar_type() &&
+                  (kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kBFloat16),
+              "decode_layer: cache float32 or bfloat16");
+  TORCH_CHECK(!cos == !sin, "decode_layer: RoPE needs both tables");
+  at::Tensor m;
+  if (mask) {
+    m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(2) == x.size(1) && m.size(3) == S,
+                "decode_layer: mask must be bool (B, 1, T, S)");
+  }
+  std::vector<at::Tensor> ws(w.begin(), w.end()), ns(norm.begin(), norm.end());
+  std::vector<std::optional<at::Tensor>> sc, bi;
+  for (size_t i = 0; i < 4; i++) {
+    sc.push_back(scale.get(i));
+    bi.push_back(bias.get(i));
+  }
+  if (kc.scalar_type() == at::kFloat)
+    return layer<float>(x, ws, sc, bi, ns, eps, unit_offset, cos, sin, kc, vc, slot, S, m, H, KV, scale_qk, act_kind, glu);
+  return layer<c10::BFloat16>(x, ws, sc, bi, ns, eps, unit_offset, cos, sin, kc, vc, slot, S, m, H, KV, scale_qk,
+                              act_kind, glu);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("linear_rows(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def(
+      "decode_layer(Tensor x, Tensor[] w, Tensor?[] scale, Tensor?[] bias, Tensor[] norm, float eps, "
+      "bool unit_offset, Tensor? cos, Tensor? sin, Tensor(a!) kc, Tensor(b!) vc, int slot, int S, Tensor? mask, "
+      "int H, int KV, float scale_qk, int act, bool glu) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("linear_rows", &linear_rows);
   m.impl("decode_attention", &decode_attention);
+  m.impl("decode_layer", &decode_layer);
 }

@@ -5,7 +5,8 @@ queries, reading only the visible keys. Why they exist and what they reach: rows
 It is compiled on first use with the host's C++ compiler for the host's CPU (`-O3 -march=native -fopenmp`,
 through torch.utils.cpp_extension; ~15 s, once per CPU model: the build is cached under
 ~/.cache/torch_extensions with the CPU in its name) and registered as the operators
-`torch.ops.lmforge.linear_rows` and `decode_attention`, which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
+`torch.ops.lmforge.linear_rows`, `decode_attention` and `decode_layer` (a whole decoder block's
+decode step: decode.py's DecodeBlock), which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
 False and decoding uses PyTorch's own kernels (slower; nothing else changes).
 """
 
@@ -64,6 +65,7 @@ def available() -> bool:
         return False
     torch.library.register_fake("lmforge::linear_rows")(_shape)
     torch.library.register_fake("lmforge::decode_attention")(_attention_shape)
+    torch.library.register_fake("lmforge::decode_layer")(lambda x, *a: torch.empty_like(x))
     global LOADED
     LOADED = True
     return True
