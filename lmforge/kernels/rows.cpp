@@ -570,20 +570,27 @@ void product(const at::Tensor& w, const std::optional<at::Tensor>& scale, const 
 }
 
 // y (M, d) = rmsnorm of x (M, d) by weight w (d,): w * x / sqrt(mean(x^2) + eps), or (1 + w) * ...
-void rms_rows(const float* x, const Col& w, float unit, double eps, int64_t M, int64_t d, float* y) {
+void rms_rows(const float* x, const float* w, float unit, double eps, int64_t M, int64_t d, float* y) {
   for (int64_t m = 0; m < M; m++) {
     const float* xm = x + m * d;
     float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
     for (int64_t c = 0; c < d; c++) ss += xm[c] * xm[c];
     const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + static_cast<float>(eps));
-    for (int64_t c = 0; c < d; c++) y[m * d + c] = xm[c] * r * (unit + w.get(c, 1.f));
+#pragma omp simd
+    for (int64_t c = 0; c < d; c++) y[m * d + c] = xm[c] * r * (unit + w[c]);
   }
 }
 
-// v as fp32: from x's storage (fp32 or bf16), element i of a contiguous tensor
-inline float read(const at::Tensor& t, int64_t i) {
-  return t.scalar_type() == at::kFloat ? t.data_ptr<float>()[i] : to_f32(t.data_ptr<c10::BFloat16>()[i]);
+// a contiguous fp32 or bf16 tensor's values as fp32, into y
+void read(const at::Tensor& t, float* y) {
+  const int64_t n = t.numel();
+  if (t.scalar_type() == at::kFloat) {
+    std::memcpy(y, t.data_ptr<float>(), n * sizeof(float));
+    return;
+  }
+  const c10::BFloat16* b = t.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < n; i++) y[i] = to_f32(b[i]);
 }
 
 template <typename E>
@@ -601,28 +608,38 @@ at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
                   vc.stride(3) == 1 && slot + T <= kc.size(2) && S <= kc.size(2),
               "decode_layer: cache (B, KV, S, hd) with room for the chunk");
   const float unit = unit_offset ? 1.f : 0.f;
-  const Col n0(norm[0], d, "norm"), n1(norm[1], d, "norm");
+  TORCH_CHECK(norm[0].numel() == d && norm[1].numel() == d, "decode_layer: norm weights (d,)");
+  std::vector<float> n0(d), n1(d);
+  read(norm[0].contiguous(), n0.data());
+  read(norm[1].contiguous(), n1.data());
   std::vector<float> xf(M * d), h(M * d), qkv(M * QKV), g(M * w[2].size(0)),
       a(M * F), o(M * d);
   const at::Tensor xc = x.contiguous();
-  for (int64_t i = 0; i < M * d; i++) xf[i] = read(xc, i);
+  read(xc, xf.data());
   // attention: norm, q k v, RoPE on the q and k heads, k v into the cache
-  rms_rows(xf.data(), n0, unit, eps, M, d, h.data());
+  rms_rows(xf.data(), n0.data(), unit, eps, M, d, h.data());
   product(w[0], scale[0], bias[0], h.data(), qkv.data(), M);
   if (cos) {
     const int64_t rot = cos->size(3), half = rot / 2;
-    const at::Tensor cs = cos->contiguous(), sn = sin->contiguous();
+    const at::Tensor cs = cos->contiguous(), sn = sin->contiguous();  // (B or 1, T, 1, rot)
+    TORCH_CHECK(rot <= hd && rot <= 1024 && rot % 2 == 0 && sn.sizes() == cs.sizes() && cs.size(1) == T,
+                "decode_layer: RoPE tables (B or 1, T, 1, rot) over at most hd channels");
+    std::vector<float> cf(cs.numel()), sf(sn.numel());
+    read(cs, cf.data());
+    read(sn, sf.data());
     float tmp[1024];
-    TORCH_CHECK(rot <= hd && rot <= 1024 && rot % 2 == 0, "decode_layer: RoPE over at most hd channels");
     for (int64_t b = 0; b < B; b++)
       for (int64_t t = 0; t < T; t++) {
-        const int64_t base = ((cs.size(0) == 1 ? 0 : b) * T + t) * rot;  // (B or 1, T, 1, rot)
+        const float* cb = cf.data() + ((cs.size(0) == 1 ? 0 : b) * T + t) * rot;
+        const float* sb = sf.data() + ((cs.size(0) == 1 ? 0 : b) * T + t) * rot;
         float* row = qkv.data() + (b * T + t) * QKV;
         for (int64_t hh = 0; hh < H + KV; hh++) {
           float* v = row + hh * hd;
-          for (int64_t c = 0; c < rot; c++) tmp[c] = v[c];
-          for (int64_t c = 0; c < rot; c++)
-            v[c] = tmp[c] * read(cs, base + c) + tmp[(c + half) % rot] * read(sn, base + c);
+          std::memcpy(tmp, v, rot * sizeof(float));
+          for (int64_t c = 0; c < half; c++) {
+            v[c] = tmp[c] * cb[c] + tmp[c + half] * sb[c];
+            v[c + half] = tmp[c + half] * cb[c + half] + tmp[c] * sb[c + half];
+          }
         }
       }
   }
@@ -649,13 +666,15 @@ at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
             Out{y.data_ptr<float>(), nullptr});
   product(w[1], scale[1], bias[1], y.data_ptr<float>(), o.data(), M);
   at::Tensor out = at::empty_like(xc);
+  float* of = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
+  c10::BFloat16* ob = of ? nullptr : out.data_ptr<c10::BFloat16>();
   auto round = [&](int64_t i, float v) -> float {  // the residual in x's dtype, as eager keeps it
-    if (out.scalar_type() == at::kFloat) return out.data_ptr<float>()[i] = v;
-    return to_f32(out.data_ptr<c10::BFloat16>()[i] = c10::BFloat16(v));
+    if (of) return of[i] = v;
+    return to_f32(ob[i] = c10::BFloat16(v));
   };
   for (int64_t i = 0; i < M * d; i++) xf[i] = round(i, xf[i] + o[i]);
   // MLP: norm, in, activation, out
-  rms_rows(xf.data(), n1, unit, eps, M, d, h.data());
+  rms_rows(xf.data(), n1.data(), unit, eps, M, d, h.data());
   product(w[2], scale[2], bias[2], h.data(), g.data(), M);
   const int64_t G = w[2].size(0);
   for (int64_t m = 0; m < M; m++)
