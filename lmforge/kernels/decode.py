@@ -9,7 +9,9 @@ stays well below the machine's bandwidth (bench/decode.py measures both). `insta
   DecodeLinear, whose calls with few rows and no autograd go to `linear_rows`, which streams the
   row-major weight as it is (no copy; every other use, prefill, training and saving, unchanged), and
   each Attention for a DecodeAttention, whose decode steps (a few queries, no autograd) go to
-  `decode_attention`, which reads only the visible cache slots;
+  `decode_attention`, which reads only the visible cache slots; and each pre-norm RMSNorm Block with a
+  dense MLP for a DecodeBlock, whose decode steps are one `decode_layer` call for the whole layer
+  (the ~50 small PyTorch calls of an eager block cost more than its products at this size);
 - without it, DecodeLinear uses PyTorch's faster layouts:
   - fp32: the same weight stored transposed in memory, i.e. (in, out) contiguous, turns the product
     into `x @ w_t` with a row-major right-hand side, which MKL streams much faster. `install` swaps

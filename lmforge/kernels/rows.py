@@ -6,8 +6,9 @@ It is compiled on first use with the host's C++ compiler for the host's CPU (`-O
 through torch.utils.cpp_extension; ~15 s, once per CPU model: the build is cached under
 ~/.cache/torch_extensions with the CPU in its name) and registered as the operators
 `torch.ops.lmforge.linear_rows`, `decode_attention` and `decode_layer` (a whole decoder block's
-decode step: decode.py's DecodeBlock), which torch.compile calls like any other. Without a compiler, or with LMFORGE_KERNELS=0, `available()` is
-False and decoding uses PyTorch's own kernels (slower; nothing else changes).
+decode step: decode.py's DecodeBlock), which torch.compile calls like any other. Without a compiler,
+or with LMFORGE_KERNELS=0, `available()` is False and decoding uses PyTorch's own kernels (slower;
+nothing else changes). The kernels split their rows across torch's threads (OpenMP).
 """
 
 from __future__ import annotations
