@@ -699,10 +699,12 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList w, const c10::List<s
                   (kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kBFloat16),
               "decode_layer: cache float32 or bfloat16");
   TORCH_CHECK(!cos == !sin, "decode_layer: RoPE needs both tables");
+  TORCH_CHECK(KV > 0 && H % KV == 0, "decode_layer: H must be a multiple of KV");
   at::Tensor m;
   if (mask) {
     m = *mask;
-    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && m.size(2) == x.size(1) && m.size(3) == S,
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 4 && (m.size(0) == 1 || m.size(0) == x.size(0)) &&
+                    m.size(1) == 1 && m.size(2) == x.size(1) && m.size(3) == S,
                 "decode_layer: mask must be bool (B, 1, T, S)");
   }
   std::vector<at::Tensor> ws(w.begin(), w.end()), ns(norm.begin(), norm.end());
