@@ -16,7 +16,8 @@ per CPU-second of this process (which other load disturbs much less). Decode str
 per step, so the roofline is memory bandwidth (a large tensor sum on huge pages, measured in this
 run; the 4 KiB-page figure is printed too) / the bytes of weights each contestant reads per step; the
 table shows the share of it each one reaches. Then
-lmforge alone as the context grows (128 -> 2048 tokens) and as the batch grows (1 -> 32 rows).
+lmforge alone as the context grows (128 -> 2048 tokens), and lmforge and llama.cpp (its batched
+decoding: one sequence per row in one cache, as llama-batched-bench) as the batch grows (1 -> 32 rows).
 
     python bench/decode.py                   # fp32, bf16, int8 (~10 minutes on 2 cores)
     python bench/decode.py --quick           # fewer tokens and shorter sweeps
@@ -204,10 +205,11 @@ def main() -> None:
             run(2)()  # compiles the decode step
             compile_s[name] = time.perf_counter() - t0
             fns["lmforge compiled"], sizes["lmforge compiled"] = run, sizes["lmforge"]
-        llm = None
+        llm = sweep_gguf = None
         if llama_cpp is not None and gguf_type is not None:
             try:
                 gguf = export(d / "fp32", "gguf", d / f"model-{gguf_type}.gguf", dtype=gguf_type)
+                sweep_gguf = (gguf, gguf_type)
                 llm = llama_cpp(gguf, n_ctx=P + n + 8, n_threads=threads)
                 key = f"llama.cpp {gguf_type}"
                 fns[key] = lambda k, llm=llm: _llama_cpp(llm, prompt, k)
@@ -231,21 +233,41 @@ def main() -> None:
     if args.no_sweeps:
         return
 
-    # lmforge alone: decode speed as the context and the batch grow (last precision loaded).
+    # decode speed as the context grows (lmforge) and as the batch grows (lmforge, and llama.cpp's
+    # batched decoding of as many sequences in one cache), at the last precision loaded
     contexts = [128, 1024, 2048] if args.quick else [128, 512, 1024, 2048]
     batches = [1, 8, 32] if args.quick else [1, 4, 8, 16, 32]
     for what, values in (("context", contexts), ("batch", batches)):
-        rows = []
+        rows: dict[str, list] = {}
         for v in values:
             prompt_len, b = (v - n, 1) if what == "context" else (P, v)
             ids = _ids(prompt_len, b, cfg.vocab_size)
-            fns = {"ours": lambda k, ids=ids, lm=lm: _ours(lm, ids, k)}
-            rows.append(generation_speeds(fns, prompt_len, b, n, 1)["ours"][1:])
+            fns = {"lmforge": lambda k, ids=ids, lm=lm: _ours(lm, ids, k)}
+            llm = None
+            if what == "batch" and sweep_gguf is not None:
+                llm = llama_cpp(sweep_gguf[0], n_ctx=P + n + 8, n_threads=threads, n_seq=b)
+                prompts = ids.tolist()
+                fns[f"llama.cpp {sweep_gguf[1]}"] = lambda k, llm=llm, p=prompts: (
+                    lambda: llm.greedy_batch(p, k)
+                )
+            for who, (_, dec, dec_cpu) in generation_speeds(fns, prompt_len, b, n, 1).items():
+                rows.setdefault(who, []).append((dec, dec_cpu))
+            if llm is not None:
+                llm.close()
         where = f"prompt = context - {n} tokens, batch 1" if what == "context" else f"{P}-token prompts"
-        print(f"\nlmforge {name} decode by {what} ({where}; all rows together):")
+        print(f"\n{name} decode by {what} ({where}; tokens of all rows together):")
         print(f"| {what} | " + " | ".join(map(str, values)) + " |\n|---|" + "---|" * len(values))
-        print("| tok/s | " + " | ".join(f"{d:.1f}" for d, _ in rows) + " |")
-        print("| tok/CPU-s | " + " | ".join(f"{c:.1f}" for _, c in rows) + " |", flush=True)
+        for who, r in rows.items():
+            print(f"| {who} tok/s | " + " | ".join(f"{d:.1f}" for d, _ in r) + " |")
+            print(f"| {who} tok/CPU-s | " + " | ".join(f"{c:.1f}" for _, c in r) + " |")
+        if len(rows) == 2:
+            (_, ours), (_, theirs) = rows.items()
+            print(
+                "| lmforge / llama.cpp | "
+                + " | ".join(f"{a[0] / b[0]:.2f}x" for a, b in zip(ours, theirs))
+                + " |"
+            )
+        print("", end="", flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes slow every figure)")
 
 

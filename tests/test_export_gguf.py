@@ -240,11 +240,11 @@ def test_ollama_modelfile(tmp_path, tok):
 
 
 # ---------------------------------------------------------------------------------------------- llama.cpp
-def _llama(path, n_ctx=128):
+def _llama(path, n_ctx=128, n_seq=1):
     from lmforge.export.llama_cpp import LlamaCpp, LlamaCppUnavailable
 
     try:  # f32 KV cache (the runner's default), so that only the kernels differ; one thread, as ggml's
-        return LlamaCpp(path, n_ctx=n_ctx, n_threads=1)  # spinning threads crawl on a loaded 2-core box
+        return LlamaCpp(path, n_ctx=n_ctx, n_threads=1, n_seq=n_seq)  # spinning threads crawl on a loaded box
     except LlamaCppUnavailable as e:  # not installed, or its libraries do not load here: says which
         pytest.skip(str(e))
 
@@ -266,6 +266,18 @@ def test_llama_cpp_greedy_matches_lmforge(tmp_path, tok, family):
     tol = 5e-4 if family == "gpt2" else 1e-4  # ggml's GELU goes through an f16 lookup table
     np.testing.assert_allclose(got, ref, atol=tol * max(1.0, np.abs(ref).max()), rtol=0)
     assert llm.greedy(prompt, n) == torch_greedy(model, prompt, n)  # from an emptied cache
+    llm.close()
+
+
+def test_llama_cpp_batched_greedy_equals_each_sequence_alone(tmp_path, tok):
+    """greedy_batch decodes several sequences in one cache (what bench/decode.py's batch sweep times):
+    each gets lmforge's greedy tokens for its prompt alone, whatever the others' lengths."""
+    model = make_checkpoint(tmp_path / "ckpt", "llama", tok, seed=3)
+    llm = _llama(export(tmp_path / "ckpt", "gguf", tmp_path / "m.gguf", dtype="f32"), n_ctx=48, n_seq=3)
+    prompts = [tok.encode(t, bos=True) for t in ("def add(a, b):", "The quick brown fox jumps", "x = 1")]
+    assert llm.greedy_batch(prompts, 10) == [torch_greedy(model, p, 10) for p in prompts]
+    with pytest.raises(ValueError, match="1 to 3 prompts"):
+        llm.greedy_batch(prompts * 2, 2)
     llm.close()
 
 

@@ -69,7 +69,8 @@ def _quiet(ffi, lib) -> None:
 
 
 class LlamaCpp:
-    """One GGUF model and one context (a single sequence of up to `n_ctx` tokens) in llama.cpp."""
+    """One GGUF model and one context in llama.cpp: `n_seq` sequences (1: `eval` and `greedy`; more:
+    `greedy_batch`, several decoded together) of up to `n_ctx` tokens each."""
 
     def __init__(
         self,
@@ -77,6 +78,7 @@ class LlamaCpp:
         n_ctx: int = 512,
         n_threads: int | None = None,
         kv_type: int = GGML_TYPE_F32,
+        n_seq: int = 1,
     ):
         self.ffi, self.lib = _bindings()
         ffi, lib = self.ffi, self.lib
@@ -90,8 +92,11 @@ class LlamaCpp:
         if self.model == ffi.NULL:
             raise RuntimeError(f"llama.cpp could not load {path}: {''.join(_log).strip()}")
         cp = lib.llama_context_default_params()
-        cp.n_ctx = cp.n_batch = cp.n_ubatch = n_ctx  # a whole prompt is one batch
-        cp.n_seq_max = 1
+        cp.n_ctx = n_ctx * n_seq
+        cp.n_batch = cp.n_ubatch = max(n_ctx, n_seq)  # a whole prompt, or a token of every sequence
+        cp.n_seq_max = n_seq
+        # kv_unified stays off (llama.cpp's default): each sequence attends over its own n_ctx cells,
+        # 1.2-2.7x faster at 8-32 sequences here than one unified buffer whose cells all are masked
         cp.n_threads = cp.n_threads_batch = n_threads or os.cpu_count() or 1
         cp.type_k = cp.type_v = kv_type
         cp.flash_attn_type = 0  # disabled: the plain attention path, as llama-cpp-python's default
@@ -104,7 +109,8 @@ class LlamaCpp:
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self.n_ctx = lib.llama_n_ctx(self.ctx)
         self.n_batch = lib.llama_n_batch(self.ctx)
-        self.n_past = 0  # tokens in the KV cache
+        self.n_seq = n_seq
+        self.n_past = 0  # tokens in the KV cache (sequence 0)
 
     def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
         """llama.cpp's tokenization of `text` (by default: no BOS, special-token text not parsed)."""
@@ -168,6 +174,29 @@ class LlamaCpp:
         self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
         self.n_past = 0
 
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
+        """Run (token, position, sequence, wants logits) entries through llama_decode, n_batch at a
+        time; returns the logits (float32, (n_vocab,)) of the entries that want them, in order."""
+        rows = []
+        for start in range(0, len(entries), self.n_batch):
+            chunk = entries[start : start + self.n_batch]
+            batch = self.lib.llama_batch_init(len(chunk), 0, 1)
+            try:
+                batch.n_tokens = len(chunk)
+                for i, (t, pos, seq, want) in enumerate(chunk):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, pos, 1, want
+                    batch.seq_id[i][0] = seq
+                rc = self.lib.llama_decode(self.ctx, batch)
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed ({rc}): {''.join(_log).strip()}")
+                for i, (*_, want) in enumerate(chunk):
+                    if want:
+                        p = self.lib.llama_get_logits_ith(self.ctx, i)
+                        rows.append(np.frombuffer(self.ffi.buffer(p, 4 * self.n_vocab), np.float32).copy())
+            finally:
+                self.lib.llama_batch_free(batch)
+        return rows
+
     def eval(self, tokens: list[int], all_logits: bool = True) -> np.ndarray:
         """Append `tokens` to the sequence; returns the logits (float32) of every new position,
         (len(tokens), n_vocab), or only of the last one, (1, n_vocab), when all_logits is False."""
@@ -175,40 +204,36 @@ class LlamaCpp:
             raise ValueError("eval: no tokens")
         if self.n_past + len(tokens) > self.n_ctx:
             raise ValueError(f"eval: {self.n_past} + {len(tokens)} tokens exceed the context of {self.n_ctx}")
-        rows = []
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start : start + self.n_batch]
-            last = start + len(chunk) == len(tokens)
-            batch = self.lib.llama_batch_init(len(chunk), 0, 1)
-            try:
-                batch.n_tokens = len(chunk)
-                for i, t in enumerate(chunk):
-                    batch.token[i] = t
-                    batch.pos[i] = self.n_past + i
-                    batch.n_seq_id[i] = 1
-                    batch.seq_id[i][0] = 0
-                    batch.logits[i] = all_logits or (last and i == len(chunk) - 1)
-                rc = self.lib.llama_decode(self.ctx, batch)
-                if rc != 0:
-                    raise RuntimeError(f"llama_decode failed ({rc}): {''.join(_log).strip()}")
-                self.n_past += len(chunk)
-                for i in range(len(chunk)) if all_logits else ([len(chunk) - 1] if last else []):
-                    p = self.lib.llama_get_logits_ith(self.ctx, i)
-                    rows.append(np.frombuffer(self.ffi.buffer(p, 4 * self.n_vocab), np.float32).copy())
-            finally:
-                self.lib.llama_batch_free(batch)
+        n = len(tokens)
+        rows = self._decode([(t, self.n_past + i, 0, all_logits or i == n - 1) for i, t in enumerate(tokens)])
+        self.n_past += n
         return np.stack(rows)
 
     def greedy(self, prompt: list[int], n: int) -> list[int]:
         """`n` tokens after `prompt`, each the argmax of the previous position's logits (from an empty
         cache; the prompt is one batch, then one token per step, as a runtime generates)."""
+        return self.greedy_batch([prompt], n)[0]
+
+    def greedy_batch(self, prompts: list[list[int]], n: int) -> list[list[int]]:
+        """`n` greedy tokens after each of the prompts, decoded together as sequences 0, 1, ... of one
+        cache (from empty): each prompt prefilled in its own batch, then one batch per step holding the
+        next token of every sequence, as llama.cpp's batched examples (llama-batched-bench) do."""
+        if not 0 < len(prompts) <= self.n_seq:
+            raise ValueError(f"greedy_batch: 1 to {self.n_seq} prompts (n_seq), not {len(prompts)}")
         self.reset()
-        logits = self.eval(prompt, all_logits=False)[-1]
-        out: list[int] = []
-        for _ in range(n):
-            out.append(int(np.argmax(logits)))
-            if len(out) < n:
-                logits = self.eval(out[-1:], all_logits=False)[-1]
+        last = [
+            self._decode([(t, i, s, i == len(p) - 1) for i, t in enumerate(p)])[0]
+            for s, p in enumerate(prompts)
+        ]
+        out: list[list[int]] = [[] for _ in prompts]
+        for step in range(n):
+            for s, logits in enumerate(last):
+                out[s].append(int(np.argmax(logits)))
+            if step < n - 1:
+                last = self._decode(
+                    [(o[-1], len(p) + step, s, True) for s, (p, o) in enumerate(zip(prompts, out))]
+                )
+        self.n_past = len(prompts[0]) + n - 1  # sequence 0's length, where `eval` would continue it
         return out
 
     def close(self) -> None:
