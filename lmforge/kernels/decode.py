@@ -98,11 +98,13 @@ class DecodeAttention(Attention):
 
 # MLP activations the fused layer computes (rows.cpp's Act codes)
 _ACT = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
-# Rows (batch x new tokens) up to which a decode step takes the fused layer: rows.cpp's kMaxRows, one
-# pass over the weights for all of them. More than rows.MAX_ROWS pays here: the eager block's small
-# calls cost more than PyTorch's faster products save (bf16, batch 4: 169 against 124 tok/s; batch 8:
-# 255 against 217, 2 threads)
-FUSED_ROWS = 8
+# Rows (batch x new tokens) up to which a decode step takes the fused layer, per weight dtype: more
+# than rows.MAX_ROWS pays here, as the eager block's small calls cost more than PyTorch's faster
+# products save. Measured at 2 threads (bench/decode.py's batch sweep and docs/benchmarks.md): bf16
+# fused at batch 4 169 against 124 tok/s eager, at 8 255 against 217, but at 16 and 32 oneDNN's
+# products win (352 and 478 against 308 and 275); fp32 fused at 8 124 against 67, at 16 147 against
+# 110, at 32 202 against 168 (the kernel's passes of 8 rows each read the weights once).
+FUSED_ROWS = {torch.float32: 32, torch.bfloat16: 8, torch.int8: 8}
 
 
 def _weights(m: nn.Module):
@@ -137,7 +139,7 @@ class DecodeBlock(Block):
         ):
             return super().forward(x, rope, mask, is_causal, cache)
         ws = [_weights(m) for m in (a.wqkv, a.wo, mlp.w_in, mlp.w_out)]
-        if any(w is None for w in ws) or B * T > FUSED_ROWS:
+        if any(w is None for w in ws) or B * T > FUSED_ROWS.get(ws[0][0].dtype, 0):
             return super().forward(x, rope, mask, is_causal, cache)
         kind, slot, _ = cache._chunk
         kc, vc = cache.k[a.layer], cache.v[a.layer]
