@@ -267,7 +267,7 @@ def main() -> None:
                 + " | ".join(f"{a[0] / b[0]:.2f}x" for a, b in zip(ours, theirs))
                 + " |"
             )
-        print("", end="", flush=True)
+        sys.stdout.flush()
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (other processes slow every figure)")
 
 

@@ -280,6 +280,29 @@ void rows(const W* w, const float* x, const Col& scale, const Col& bias, const O
   });
 }
 
+// a contiguous fp32 or bf16 tensor's values as fp32, into y
+void read(const at::Tensor& t, float* y) {
+  const int64_t n = t.numel();
+  if (t.scalar_type() == at::kFloat) {
+    std::memcpy(y, t.data_ptr<float>(), n * sizeof(float));
+    return;
+  }
+  const c10::BFloat16* b = t.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < n; i++) y[i] = to_f32(b[i]);
+}
+
+// y = x (M, K) fp32 @ (w * scale)^T + bias with w's dtype (float32, bfloat16 or int8) dispatched
+void rows_of_weight(const at::Tensor& w, const float* x, const Col& sc, const Col& bi, const Out& y, int64_t M,
+                    const char* op) {
+  const int64_t N = w.size(0), K = w.size(1);
+  switch (w.scalar_type()) {
+    case at::kFloat: rows(w.data_ptr<float>(), x, sc, bi, y, M, N, K); break;
+    case at::kBFloat16: rows(w.data_ptr<c10::BFloat16>(), x, sc, bi, y, M, N, K); break;
+    case at::kChar: rows(w.data_ptr<int8_t>(), x, sc, bi, y, M, N, K); break;
+    default: TORCH_CHECK(false, op, ": weights must be float32, bfloat16 or int8, not ", w.scalar_type());
+  }
+}
+
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& scale,
                        const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear_rows: x (M, K), w (N, K)");
@@ -294,8 +317,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::opti
     xp = xf.data_ptr<float>();
   } else if (x.scalar_type() == at::kBFloat16 && x.is_contiguous()) {
     xbuf.resize(M * K);
-    const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
-    for (int64_t i = 0; i < M * K; i++) xbuf[i] = to_f32(xb[i]);
+    read(x, xbuf.data());
     xp = xbuf.data();
   } else {
     xf = x.to(at::kFloat).contiguous();
@@ -305,13 +327,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, const std::opti
   at::Tensor y = at::empty({M, N}, x.options().dtype(direct ? x.scalar_type() : at::kFloat));
   const Out out = y.scalar_type() == at::kFloat ? Out{y.data_ptr<float>(), nullptr}
                                                 : Out{nullptr, y.data_ptr<c10::BFloat16>()};
-  const Col sc(scale, N, "scale"), bi(bias, N, "bias");
-  switch (w.scalar_type()) {
-    case at::kFloat: rows(w.data_ptr<float>(), xp, sc, bi, out, M, N, K); break;
-    case at::kBFloat16: rows(w.data_ptr<c10::BFloat16>(), xp, sc, bi, out, M, N, K); break;
-    case at::kChar: rows(w.data_ptr<int8_t>(), xp, sc, bi, out, M, N, K); break;
-    default: TORCH_CHECK(false, "linear_rows: weights must be float32, bfloat16 or int8, not ", w.scalar_type());
-  }
+  rows_of_weight(w, xp, Col(scale, N, "scale"), Col(bias, N, "bias"), out, M, "linear_rows");
   return direct ? y : y.to(x.scalar_type());
 }
 
@@ -554,21 +570,6 @@ inline float act(float v, int64_t kind) {
   }
 }
 
-// y (M, N) fp32 = x (M, K) fp32 @ (w * scale)^T + bias, on the row kernel (split across threads)
-void product(const at::Tensor& w, const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-             const float* x, float* y, int64_t M) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "decode_layer: weights (N, K) contiguous");
-  const int64_t N = w.size(0), K = w.size(1);
-  const Col sc(scale, N, "scale"), bi(bias, N, "bias");
-  const Out out{y, nullptr};
-  switch (w.scalar_type()) {
-    case at::kFloat: rows(w.data_ptr<float>(), x, sc, bi, out, M, N, K); break;
-    case at::kBFloat16: rows(w.data_ptr<c10::BFloat16>(), x, sc, bi, out, M, N, K); break;
-    case at::kChar: rows(w.data_ptr<int8_t>(), x, sc, bi, out, M, N, K); break;
-    default: TORCH_CHECK(false, "decode_layer: weights must be float32, bfloat16 or int8, not ", w.scalar_type());
-  }
-}
-
 // y (M, d) = rmsnorm of x (M, d) by weight w (d,): w * x / sqrt(mean(x^2) + eps), or (1 + w) * ...
 void rms_rows(const float* x, const float* w, float unit, double eps, int64_t M, int64_t d, float* y) {
   for (int64_t m = 0; m < M; m++) {
@@ -582,17 +583,6 @@ void rms_rows(const float* x, const float* w, float unit, double eps, int64_t M,
   }
 }
 
-// a contiguous fp32 or bf16 tensor's values as fp32, into y
-void read(const at::Tensor& t, float* y) {
-  const int64_t n = t.numel();
-  if (t.scalar_type() == at::kFloat) {
-    std::memcpy(y, t.data_ptr<float>(), n * sizeof(float));
-    return;
-  }
-  const c10::BFloat16* b = t.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0; i < n; i++) y[i] = to_f32(b[i]);
-}
-
 template <typename E>
 at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const std::vector<std::optional<at::Tensor>>& scale,
                  const std::vector<std::optional<at::Tensor>>& bias, const std::vector<at::Tensor>& norm, double eps,
@@ -600,7 +590,7 @@ at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
                  const at::Tensor& kc, const at::Tensor& vc, int64_t slot, int64_t S, const at::Tensor& mask,
                  int64_t H, int64_t KV, double scale_qk, int64_t act_kind, bool glu) {
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2), M = B * T, hd = kc.size(3);
-  const int64_t QKV = (H + 2 * KV) * hd, F = glu ? w[2].size(0) / 2 : w[2].size(0);
+  const int64_t QKV = (H + 2 * KV) * hd, G = w[2].size(0), F = glu ? G / 2 : G;
   TORCH_CHECK(w[0].size(0) == QKV && w[0].size(1) == d && w[1].size(0) == d && w[1].size(1) == H * hd &&
                   w[2].size(1) == d && w[3].size(0) == d && w[3].size(1) == F,
               "decode_layer: weight shapes do not match the block");
@@ -612,13 +602,19 @@ at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
   std::vector<float> n0(d), n1(d);
   read(norm[0].contiguous(), n0.data());
   read(norm[1].contiguous(), n1.data());
-  std::vector<float> xf(M * d), h(M * d), qkv(M * QKV), g(M * w[2].size(0)),
-      a(M * F), o(M * d);
+  for (const auto& wi : w)
+    TORCH_CHECK(wi.dim() == 2 && wi.is_contiguous() && wi.device().is_cpu(), "decode_layer: weights (N, K) contiguous");
+  // y (M, N) fp32 = x (M, K) fp32 @ (w[i] * scale[i])^T + bias[i], on the row kernel
+  auto product = [&](int i, const float* xi, float* yi) {
+    const int64_t N = w[i].size(0);
+    rows_of_weight(w[i], xi, Col(scale[i], N, "scale"), Col(bias[i], N, "bias"), Out{yi, nullptr}, M, "decode_layer");
+  };
+  std::vector<float> xf(M * d), h(M * d), qkv(M * QKV), g(M * G), a(M * F), o(M * d);
   const at::Tensor xc = x.contiguous();
   read(xc, xf.data());
   // attention: norm, q k v, RoPE on the q and k heads, k v into the cache
   rms_rows(xf.data(), n0.data(), unit, eps, M, d, h.data());
-  product(w[0], scale[0], bias[0], h.data(), qkv.data(), M);
+  product(0, h.data(), qkv.data());
   if (cos) {
     const int64_t rot = cos->size(3), half = rot / 2;
     const at::Tensor cs = cos->contiguous(), sn = sin->contiguous();  // (B or 1, T, 1, rot)
@@ -664,7 +660,7 @@ at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
   at::Tensor y = at::empty({B, T, H, hd}, at::TensorOptions().dtype(at::kFloat));
   attend<E>(q, kc.narrow(2, 0, S), vc.narrow(2, 0, S), mask, static_cast<float>(scale_qk),
             Out{y.data_ptr<float>(), nullptr});
-  product(w[1], scale[1], bias[1], y.data_ptr<float>(), o.data(), M);
+  product(1, y.data_ptr<float>(), o.data());
   at::Tensor out = at::empty_like(xc);
   float* of = out.scalar_type() == at::kFloat ? out.data_ptr<float>() : nullptr;
   c10::BFloat16* ob = of ? nullptr : out.data_ptr<c10::BFloat16>();
@@ -675,12 +671,11 @@ at::Tensor layer(const at::Tensor& x, const std::vector<at::Tensor>& w, const st
   for (int64_t i = 0; i < M * d; i++) xf[i] = round(i, xf[i] + o[i]);
   // MLP: norm, in, activation, out
   rms_rows(xf.data(), n1.data(), unit, eps, M, d, h.data());
-  product(w[2], scale[2], bias[2], h.data(), g.data(), M);
-  const int64_t G = w[2].size(0);
+  product(2, h.data(), g.data());
   for (int64_t m = 0; m < M; m++)
     for (int64_t c = 0; c < F; c++)
       a[m * F + c] = glu ? act(g[m * G + c], act_kind) * g[m * G + F + c] : act(g[m * G + c], act_kind);
-  product(w[3], scale[3], bias[3], a.data(), o.data(), M);
+  product(3, a.data(), o.data());
   for (int64_t i = 0; i < M * d; i++) round(i, xf[i] + o[i]);
   return out;
 }
