@@ -1,16 +1,21 @@
-"""Quality in a time budget: the quickstart's recipe against a plain transformers LlamaForCausalLM.
+"""Quality in a time budget: the quickstart's recipe against its previous one and a plain transformers
+LlamaForCausalLM.
 
 What `lmforge quickstart` is worth is the model it gets in its few minutes, so this trains, in this
 process and one after another, for the same wall-clock budget that the quickstart's pretrain stage had:
 
-- lmforge: `train()` with the quickstart's own plan (its run's config.yaml: model, batch, learning
-  rate, warmup-stable-decay schedule, bf16 autocast where `--dtype auto` picks it, the length fitted to
-  the deadline as it goes, evaluations and saves inside the budget);
-- transformers, lmforge's recipe: `LlamaForCausalLM` with the same config and the same initial weights
-  (lmforge's init, saved and loaded by transformers), the same token batches in the same order (lmforge's
-  loader over the quickstart's shards), `torch.optim.AdamW` with the same batch, learning rate, betas,
-  weight decay, warmup-stable-decay schedule, gradient clipping and autocast, in the loop a user writes
-  (forward, cross-entropy, backward, clip, step);
+- lmforge: `train()` with the quickstart's own plan (its run's config.yaml: model, optimizer, batch,
+  learning rate, warmup-stable-decay schedule, bf16 autocast where `--dtype auto` picks it, the length
+  fitted to the deadline as it goes, evaluations and saves inside the budget);
+- lmforge, the previous plan: what the planner chose before it knew the data and before Muon (the
+  depth the compute rule alone gives, depth 1 on a CPU, AdamW), planned by today's `plan()` with those
+  two changes undone, on the same data;
+- transformers, lmforge's recipe: `LlamaForCausalLM` with the same config as the quickstart's plan and
+  the same initial weights (lmforge's init, saved and loaded by transformers), the same token batches in
+  the same order (lmforge's loader over the quickstart's shards), `torch.optim.AdamW` (the optimizer of
+  transformers' Trainer) with the same batch, learning rate, betas, weight decay, warmup-stable-decay
+  schedule, gradient clipping and autocast, in the loop a user writes (forward, cross-entropy,
+  backward, clip, step);
 - transformers, its defaults: the same, but the optimizer and schedule of `TrainingArguments`' defaults
   (lr 5e-5, linear decay to 0, no warmup, no weight decay, betas 0.9/0.999).
 
@@ -18,11 +23,14 @@ The transformers loops fit their length to the budget the way a user would: they
 steps and then plan the steps that fit; they stop at the deadline in any case. Their final evaluation
 and save come after the budget (lmforge's are inside it). Then every model is saved as a Hugging Face
 directory with the quickstart's tokenizer and scored by the same code (`lmforge.evaluate.evaluate_lm`:
-every validation document, bits per byte from the tokenizer's byte lengths). The quickstart's own
-model is scored too, as it came out of the quickstart (trained earlier, under whatever load there was).
+every validation document, bits per byte from the tokenizer's byte lengths) on each embedded corpus's
+validation split (python-docs' is the yardstick; the prepared split for another source). The
+quickstart's own model is scored too, as it came out of the quickstart (trained earlier, under whatever
+load there was).
 
-So "lmforge vs transformers, lmforge's recipe" is the implementation's speed (more steps in the same
-time), and "transformers, lmforge's recipe vs its defaults" is the recipe.
+So "lmforge vs its previous plan" is the planner and the optimizer, "lmforge vs transformers,
+lmforge's recipe" the optimizer and the implementation's speed (more steps in the same time), and
+"transformers, lmforge's recipe vs its defaults" the learning rate and schedule.
 
     python bench/quality.py [RUN] [--threads 1] [--budget SECONDS] [--quick]
 
@@ -92,6 +100,7 @@ def quick_run(root: Path) -> tuple[RunConfig, Path, Path]:
             "train.lr": 3e-3,
             "train.warmup_steps": 2,
             "train.schedule": "wsd",
+            "train.optimizer": "muon",  # as a --time-budget plan's auto
             "train.max_time": 3.0,
             "train.fit_time": True,
             "eval.every": 0,
@@ -105,12 +114,12 @@ def quick_run(root: Path) -> tuple[RunConfig, Path, Path]:
 
 
 # ------------------------------------------------------------------------------------------- training
-def lmforge_row(cfg: RunConfig, out: Path) -> dict:
-    """lmforge's loop on the quickstart's plan, in this process."""
+def lmforge_row(cfg: RunConfig, out: Path, name: str = "lmforge") -> dict:
+    """lmforge's loop on a plan, in this process."""
     from lmforge.train import train
 
     c = copy.deepcopy(cfg)  # the run moves its own plan (train.tokens) as it goes
-    c.name, c.out_dir, c.resume = "lmforge", str(out), "none"
+    c.name, c.out_dir, c.resume = name, str(out), "none"
     c.log.progress = False
     c0 = time.process_time()
     s = train(c)
@@ -121,6 +130,34 @@ def lmforge_row(cfg: RunConfig, out: Path) -> dict:
         "seconds": s["wall_time"],
         "cpu": time.process_time() - c0,
     }
+
+
+def previous_plan(cfg: RunConfig, run: Path) -> RunConfig:
+    """The plan the quickstart made before it weighed the data and trained with Muon: today's `plan()`
+    with the epoch rule off and AdamW, from the quickstart's own unplanned settings."""
+    from lmforge.train import budget
+    from lmforge.train.data import make_data
+    from lmforge.train.distributed import Dist
+    from lmforge.train.trainer import compute_dtype
+
+    c = copy.deepcopy(cfg)
+    c.time_budget = f"{cfg.train.max_time:.0f}s"
+    c.model.overrides = {}
+    c.train = dataclasses.replace(
+        RunConfig().train, batch_size=cfg.train.batch_size, optimizer="adamw", max_time=None, fit_time=False
+    )
+    c.eval.batches = RunConfig().eval.batches
+    saved = budget.MAX_EPOCHS
+    budget.MAX_EPOCHS = float("inf")
+    try:
+        planned, lines = budget.plan(
+            c, make_data(c), Dist(), compute_dtype(c.dtype, torch.device("cpu")), time.time()
+        )
+    finally:
+        budget.MAX_EPOCHS = saved
+    print("previous plan:", *(x.strip() for x in lines[:4]), sep="\n  ")
+    planned.train = dataclasses.replace(planned.train, max_time=cfg.train.max_time, fit_time=True)
+    return planned
 
 
 def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: Path, out: Path) -> dict:
@@ -249,6 +286,12 @@ def main() -> None:
         cfg.seed = args.seed
     cfg.train = dataclasses.replace(cfg.train, max_time=budget, fit_time=True)
     cfg.time_budget = None
+    if args.quick:  # too short to plan: the same model with the previous optimizer
+        prev = copy.deepcopy(cfg)
+        prev.train = dataclasses.replace(cfg.train, optimizer="adamw")
+    else:
+        prev = previous_plan(cfg, run)
+    prev_depth = prev.model.overrides.get("n_layers")
 
     load0 = os.getloadavg()[0]
     print(f"machine: {machine()}, torch {torch.__version__}, load average at start {load0:.1f}")
@@ -293,6 +336,10 @@ def main() -> None:
     contestants = [
         ("lmforge, the quickstart's plan", lambda: lmforge_row(cfg, work)),
         (
+            f"lmforge, the previous plan (AdamW, depth {prev_depth})",
+            lambda: lmforge_row(prev, work, "previous"),
+        ),
+        (
             "transformers LlamaForCausalLM, lmforge's recipe",
             lambda: hf_row(cfg, "lmforge", budget, init_dir, tok_dir, work),
         ),
@@ -312,21 +359,31 @@ def main() -> None:
         )
         rows.append((name, r))
 
+    # each embedded corpus on its own validation split (python-docs' is the yardstick); else the prepared one
+    from lmforge.data.embedded import PARTS
+
+    source = json.loads((data_dir / "meta.json").read_text()).get("source")
+    splits = {k: k for k in PARTS.get(source, ())} or {"val": str(data_dir)}
     print()
     print(
-        "| model | params | steps | tokens trained | training seconds | tokens/s | tokens per CPU-s "
-        "| val loss | val bits/byte |"
+        "| model | params | steps | tokens trained | training seconds | tokens/s | tokens per CPU-s | "
+        + " | ".join(f"{k} val bits/byte" for k in splits)
+        + " |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|" + "---|" * len(splits))
     for name, r in rows:
         lm = lmforge.load(r["path"], device="cpu")
-        ev = evaluate_lm(lm.model, lm.tokenizer, str(data_dir), max_tokens=max_tokens)
+        bpb = [
+            evaluate_lm(lm.model, lm.tokenizer, src, max_tokens=max_tokens)["bits_per_byte"]
+            for src in splits.values()
+        ]
         n = lm.model.num_params()
         per_cpu = f"{r['tokens'] / r['cpu']:,.0f}" if r["cpu"] else "-"
         print(
             f"| {name} | {human_count(n)} | {r['steps']} | {human_count(r['tokens'])} | {r['seconds']:.0f} | "
-            f"{r['tokens'] / max(r['seconds'], 1e-9):,.0f} | {per_cpu} | {ev['loss']:.4f} | "
-            f"{ev['bits_per_byte']:.4f} |",
+            f"{r['tokens'] / max(r['seconds'], 1e-9):,.0f} | {per_cpu} | "
+            + " | ".join(f"{x:.4f}" for x in bpb)
+            + " |",
             flush=True,
         )
     print(f"\nload average at the end {os.getloadavg()[0]:.1f}")

@@ -1,12 +1,13 @@
-"""`lmforge quickstart`: a first language model end to end on the embedded python-docs corpus.
+"""`lmforge quickstart`: a first language model end to end on the embedded corpora (python-docs and
+python-stdlib: CPython's own documentation and standard-library source, built locally).
 
 Every stage writes into the run directory and records what it did in `stages.json`; a re-run reuses
 a finished stage (its output is there) unless `--fresh` is given.
 
-    1 tokenizer  <out>/tokenizer/      byte-level BPE trained on python-docs (train split)
+    1 tokenizer  <out>/tokenizer/      byte-level BPE trained on the corpus (train split)
     2 data       <out>/data/           token shards with a validation split
     3 pretrain   <out>/final/          a Llama sized for the time budget (lmforge pretrain --time-budget)
-    4 evaluate                         validation bits-per-byte and perplexity; three samples
+    4 evaluate                         bits-per-byte and perplexity on each validation split; three samples
     5 quantize   <out>/int8/           weight-only int8, evaluated too
     6 export     <out>/export/         ONNX (checked in onnxruntime) and GGUF (llama.cpp)
     7 report     <out>/report.md       the report card: config, loss curve, metrics, samples, timings
@@ -19,9 +20,11 @@ import os
 import time
 from pathlib import Path
 
+from lmforge.data.embedded import PARTS as EMBEDDED_PARTS
 from lmforge.utils import atomic_write_text, dir_size, human_bytes, human_count
 
 PROMPTS = ["def ", "The os module", "class "]
+OPTIMIZERS = {"muon": "Muon for the blocks' matrices and AdamW for the rest", "adamw": "AdamW"}
 
 
 class Stages:
@@ -55,7 +58,7 @@ def quickstart(
     fresh: bool = False,
     minutes: float = 5.0,
     vocab_size: int = 4096,
-    data: str = "python-docs",
+    data: str = "embedded",
     device: str = "auto",
     dtype: str | None = None,
     seq_len: int = 256,
@@ -71,7 +74,8 @@ def quickstart(
         minutes: pretraining time budget (the whole quickstart takes about half a minute more); the model
             size, token count and CPU threads are chosen to fit it
         vocab_size: tokenizer vocabulary size
-        data: corpus: python-docs (embedded, offline), c4 (streamed, needs internet) or any source spec
+        data: corpus: embedded (python-docs + python-stdlib, offline), python-docs, c4 (streamed, needs
+            internet) or any source spec
         seq_len: training sequence length
         export: write the ONNX and GGUF exports
         steps: train the smallest (debug) model for this many steps instead of filling --minutes: the
@@ -104,6 +108,7 @@ def quickstart(
     def data_stage():
         meta = prepare(data, tok_dir, data_dir, force=fresh or bool(retrained))
         return {k: meta.get(k) for k in ("mb_per_s", "peak_rss_mb")} | {
+            "data": data,
             "train_tokens": meta["splits"]["train"]["tokens"],
             "val_tokens": meta["splits"]["val"]["tokens"],
         }
@@ -146,7 +151,9 @@ def quickstart(
             torch.set_num_threads(summary["threads"])
         from lmforge.checkpoint import read_config
 
+        planned = load_config(out / "pretrain" / "config.yaml")
         return {
+            "optimizer": planned.train.optimizer,
             "steps": summary["step"],
             "tokens": summary["tokens"],
             "params": read_config(final).n_params(),
@@ -172,18 +179,26 @@ def quickstart(
         from lmforge.evaluate import evaluate_lm
 
         lm = lmforge.load(path, device=device)
-        res = evaluate_lm(lm.model, lm.tokenizer, str(data_dir), split="val")
+        # each embedded corpus on its own validation split (python-docs' is the yardstick that stays the
+        # same across versions); any other source on the prepared validation split
+        splits = {name: name for name in EMBEDDED_PARTS.get(data, ())} or {"val": str(data_dir)}
+        per = {name: evaluate_lm(lm.model, lm.tokenizer, src, split="val") for name, src in splits.items()}
+        res = next(iter(per.values()))
         samples = [
             lm.generate(p, max_new_tokens=48, temperature=0.8, top_k=50, seed=i)
             for i, p in enumerate(PROMPTS)
         ]
         for p, s in zip(PROMPTS, samples):
             print(f"  {name} sample: {p!r} -> {p + s!r}")
-        print(f"  {name}: bits-per-byte {res['bits_per_byte']:.4f}, perplexity {res['perplexity']:.2f}")
+        for split, r in per.items():
+            print(
+                f"  {name} on {split}: bits-per-byte {r['bits_per_byte']:.4f}, perplexity {r['perplexity']:.2f}"
+            )
         return {
             "bits_per_byte": res["bits_per_byte"],
             "perplexity": res["perplexity"],
             "loss": res["loss"],
+            "splits": {k: {m: r[m] for m in ("bits_per_byte", "perplexity", "loss")} for k, r in per.items()},
             "size_bytes": dir_size(path),
             "samples": samples,
         }
@@ -244,6 +259,8 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def write_report(out: Path, done: dict, path: Path) -> None:
     """The report card: what was built, how good it is, how long each stage took, what to try next."""
     pre, ev, q = done.get("pretrain", {}), done.get("evaluate", {}), done.get("quantize", {})
+    corpus = done.get("data", {}).get("data", "the corpus")
+    epochs = (pre.get("tokens") or 0) / max(1, done.get("data", {}).get("train_tokens") or 0)
     lines = ["# lmforge quickstart: report card", ""]
     cfg_file = out / "final" / "config.json"
     if cfg_file.exists():
@@ -255,25 +272,32 @@ def write_report(out: Path, done: dict, path: Path) -> None:
             f"d_model {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['num_attention_heads']} heads "
             f"({c['num_key_value_heads']} KV heads), vocabulary {c['vocab_size']}, context "
             f"{c['max_position_embeddings']}. Trained for {pre.get('steps')} steps on "
-            f"{human_count(pre.get('tokens') or 0)} tokens of python-docs "
-            f"({pre.get('tokens_per_s') or 0:,.0f} tokens/s). Full training config: "
+            f"{human_count(pre.get('tokens') or 0)} tokens of {corpus} "
+            f"({epochs:.1f} epochs of its training split; {pre.get('tokens_per_s') or 0:,.0f} tokens/s) with "
+            + OPTIMIZERS.get(pre.get("optimizer"), "AdamW")
+            + ". "
+            "Full training config: "
             f"`{out / 'pretrain' / 'config.yaml'}`.",
             "",
         ]
     if (out / "pretrain" / "loss.png").exists():
         lines += ["![loss curve](pretrain/loss.png)", ""]
+    splits = list(ev.get("splits") or {"val": ev}) if ev else []
     lines += [
-        "## Metrics (validation split)",
+        "## Metrics (validation splits: bits per byte / perplexity)",
         "",
-        "| variant | size on disk | bits per byte | perplexity |",
-        "|---|---|---|---|",
+        "| variant | size on disk | " + " | ".join(splits) + " |",
+        "|---|---|" + "---|" * len(splits),
     ]
     for name, rec in (("fp32", ev), ("int8", q)):
         if rec:
-            lines.append(
-                f"| {name} | {human_bytes(rec['size_bytes'])} | {rec['bits_per_byte']:.4f} | "
-                f"{rec['perplexity']:.2f} |"
-            )
+            per = rec.get("splits") or {"val": rec}
+            cells = [
+                f"{per[k]['bits_per_byte']:.4f} / {per[k]['perplexity']:.2f}" for k in splits if k in per
+            ]
+            lines.append(f"| {name} | {human_bytes(rec['size_bytes'])} | " + " | ".join(cells) + " |")
+    if "python-docs" in splits:
+        lines += ["", "python-docs' validation split is the yardstick: the same documents in every version."]
     ex = done.get("export")
     if ex:
         lines += [

@@ -81,3 +81,50 @@ def test_a_module_that_hangs_or_crashes_is_skipped(tmp_path, monkeypatch):
     assert meta["skipped_modules"] == ["hangs", "crashes"]
     ids = [json.loads(line)["id"] for line in (d / "documents.jsonl").read_text().splitlines()]
     assert ids == ["topic:a", "module:good", "module:after"]
+
+
+def test_python_stdlib_is_the_standard_library_without_tests_or_the_yardstick(cache, tmp_path):
+    """python-stdlib: the interpreter's own Lib/*.py, deterministic, without test suites, generated
+    tables or site-packages, and with no line of python-docs' validation documents in it (checked here
+    by a plain scan of every kept file against every long validation line)."""
+    from lmforge.data.pystdlib import build_python_stdlib, iter_python_stdlib, stdlib_root
+
+    d = build_python_stdlib(verbose=False)
+    meta = json.loads((d / "meta.json").read_text())
+    assert d.is_relative_to(cache) and meta["bytes"] > 3 * 1_000_000 and meta["documents"] > 300
+    assert "PSF" in meta["licence"]
+    again = build_python_stdlib(tmp_path, force=True, verbose=False)
+    assert (again / "documents.jsonl").read_bytes() == (d / "documents.jsonl").read_bytes()
+    docs = {doc.id: doc.text for doc in iter_python_stdlib()}
+    root = stdlib_root()
+    assert docs["Lib/json/decoder.py"] == (root / "json" / "decoder.py").read_text(encoding="utf-8")
+    for bad in ("Lib/test/", "/tests/", "Lib/site-packages/", "Lib/pydoc_data/", "Lib/encodings/"):
+        assert not any(bad in k for k in docs), bad
+    held = {
+        line.strip()
+        for doc in iter_python_docs("val")
+        for line in doc.text.splitlines()
+        if len(line.strip()) >= 32
+    }
+    assert meta["left_out_sharing_python_docs_validation_text"]  # the guard had work to do
+    for left in meta["left_out_sharing_python_docs_validation_text"]:
+        text = (root / left).read_text(encoding="utf-8")
+        assert any(line.strip() in held for line in text.splitlines()), left
+    for k, text in docs.items():
+        assert not any(line.strip() in held for line in text.splitlines()), k
+    val = list(iter_python_stdlib("val"))
+    assert val and all(is_validation(doc_digest(x.text), VAL_FRACTION) for x in val)
+    assert len(val) + len(list(iter_python_stdlib("train"))) == len(docs)
+
+
+def test_embedded_is_both_corpora_and_keeps_python_docs_validation_split(cache):
+    from lmforge.data.pystdlib import iter_python_stdlib
+
+    ids = [d.id for d in iter_documents("embedded")]
+    docs_ids = [d.id for d in iter_python_docs()]
+    assert ids == docs_ids + [d.id for d in iter_python_stdlib()]
+    val = [d.id for d in iter_documents("embedded") if is_validation(doc_digest(d.text), VAL_FRACTION)]
+    assert set(d.id for d in iter_python_docs("val")) <= set(val)
+    assert set(val) - set(d.id for d in iter_python_docs("val")) == set(
+        d.id for d in iter_python_stdlib("val")
+    )

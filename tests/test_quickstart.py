@@ -38,10 +38,19 @@ def test_report_card_holds_real_numbers(quickstart):
     out, text = quickstart
     metrics = _table(text, "## Metrics")
     assert set(metrics) == {"fp32", "int8"}
-    for size, bpb, ppl in metrics.values():
-        assert re.fullmatch(r"[\d.]+ (B|KiB|MiB)", size)
-        assert 0.5 < float(bpb) < 12 and 1 < float(ppl) < 512  # a real evaluation of a 512-token model
-    assert abs(float(metrics["int8"][1]) - float(metrics["fp32"][1])) < 0.05 * float(metrics["fp32"][1])
+    header = text.split("## Metrics", 1)[1].split("| variant | size on disk |", 1)[1].split("\n", 1)[0]
+    assert [c.strip() for c in header.strip(" |").split("|")] == ["python-docs", "python-stdlib"]
+    bpb = {}
+    for name, (size, *cells) in metrics.items():
+        assert re.fullmatch(r"[\d.]+ (B|KiB|MiB)", size) and len(cells) == 2
+        for cell in cells:  # "bits per byte / perplexity" on each corpus's validation split
+            b, ppl = map(float, cell.split(" / "))
+            assert 0.5 < b < 12 and 1 < ppl < 512  # a real evaluation of a 512-token model
+        bpb[name] = [float(c.split(" / ")[0]) for c in cells]
+    assert bpb["fp32"][0] != bpb["fp32"][1]  # two different splits
+    for a, b in zip(bpb["int8"], bpb["fp32"]):
+        assert abs(a - b) < 0.05 * b
+    assert "of embedded (" in text and "epochs of its training split" in text
     timings = _table(text, "## Timings")
     assert {"tokenizer", "data", "pretrain", "evaluate", "quantize"} <= set(timings)
     assert all(float(v[0]) >= 0 for v in timings.values())

@@ -232,7 +232,9 @@ def test_budget_plan_is_compute_optimal_on_a_simulated_machine():
     cfg = load_config(
         overrides={"time_budget": "1h", "data.seq_len": T, "train.batch_size": 8, "model.family": "llama"}
     )
-    data = Data(train=iter(()), vocab_size=8192, n_train_tokens=10**8)
+    data = Data(
+        train=iter(()), vocab_size=8192, n_train_tokens=10**10
+    )  # data to spare: the compute rule alone
     out, lines = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=fake_measure)
     mc = preset("llama", "tiny", **out.model.overrides)
     depth = mc.n_layers
@@ -248,6 +250,49 @@ def test_budget_plan_is_compute_optimal_on_a_simulated_machine():
     assert out.time_budget is None and out.train.max_time == 3600
     assert math.isclose(out.train.lr, float(f"{min(3e-3, 6e-4 * 768 / mc.d_model):.2g}"))
     assert any("chosen: llama depth" in x for x in lines)
+
+
+def test_budget_plan_grows_the_model_instead_of_repeating_data():
+    """A CPU-sized budget (100 GFLOP/s, 5 minutes): with data to spare the compute rule's depth stays; on
+    a corpus it would see over MAX_EPOCHS times the model grows, by the measured pace, to the first depth
+    within MAX_EPOCHS; on a corpus too small for even that (more parameters than MAX_PARAMS_PER_TOKEN
+    per unique token) it keeps the compute rule's depth."""
+    import time
+
+    from lmforge.train.budget import DEPTHS, MAX_EPOCHS, MAX_PARAMS_PER_TOKEN, matmul_params, plan, shape
+    from lmforge.train.data import Data
+    from lmforge.train.distributed import Dist
+
+    T, flops, seen = 256, 1e11, []
+
+    def fake_measure(mc, batch_size, seq_len, device, dtype, **kw):
+        seen.append(kw["optimizer"])
+        return flops / mc.flops_per_token(seq_len)
+
+    def plan_for(unique):
+        cfg = load_config(
+            overrides={
+                "time_budget": "5m",
+                "data.seq_len": T,
+                "train.batch_size": 8,
+            }
+        )
+        data = Data(train=iter(()), vocab_size=4096, n_train_tokens=unique)
+        out, lines = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=fake_measure)
+        mc = preset("llama", "tiny", **out.model.overrides)
+        return mc, out.train.tokens, lines
+
+    base, tokens, _ = plan_for(10**9)
+    # the default optimizer, auto, is muon for a budget's model, and the planner times that optimizer
+    assert base.n_layers == DEPTHS[0] and set(seen) == {"muon"}
+    unique = tokens // 6  # six epochs for the compute rule's depth
+    mc, tokens, lines = plan_for(unique)
+    assert mc.n_layers > base.n_layers and tokens <= MAX_EPOCHS * unique * 1.01
+    smaller = preset("llama", "tiny", **shape("llama", DEPTHS[DEPTHS.index(mc.n_layers) - 1], 4096, T))
+    assert flops * 285 / smaller.flops_per_token(T) > MAX_EPOCHS * unique  # the depth below still repeats
+    assert any("the model grows instead" in x for x in lines)
+    tiny = int(matmul_params(mc) / MAX_PARAMS_PER_TOKEN) - 1000  # the grown model is over the cap
+    assert plan_for(tiny)[0].n_layers < mc.n_layers
 
 
 @pytest.mark.parametrize("seconds_per_step, planned", [(0.5, 50), (1.0, 300)])
@@ -319,7 +364,9 @@ def test_budget_plan_measures_larger_models_where_they_run_faster():
                 "model.family": "llama",
             }
         )
-        data = Data(train=iter(()), vocab_size=8192, n_train_tokens=10**8)
+        data = Data(
+            train=iter(()), vocab_size=8192, n_train_tokens=10**10
+        )  # data to spare: the compute rule alone
         out, _ = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=measure)
         return out.model.overrides["n_layers"]
 

@@ -2,7 +2,8 @@
 
 2 processes with micro-batch B and no accumulation see the rows one process sees with accumulation 2,
 so the losses agree to float rounding (1e-5), for DDP and for FSDP2. A checkpoint written by the
-2-process FSDP run resumes in a single process and continues on the same curve.
+2-process FSDP run resumes in a single process and continues on the same curve. Muon
+(--train.optimizer muon) under DDP matches one process too.
 """
 
 from __future__ import annotations
@@ -90,3 +91,18 @@ def test_two_processes_match_one_with_accumulation(corpus, tmp_path, reference, 
         for (sa, a), (sb, b) in zip(losses(tmp_path / "resumed"), want[3:]):
             assert sa == sb and a == pytest.approx(b, abs=1e-5)
         assert s["val_loss"] == pytest.approx(ref["val_loss"], abs=1e-4)
+
+
+def test_ddp_muon_matches_one_process(corpus, tmp_path, one_thread):  # noqa: F811
+    """--train.optimizer muon under DDP: every rank orthogonalises the same all-reduced gradient (whole
+    matrices), so 2 processes follow 1 process with accumulation 2, as AdamW does. (FSDP2 refuses muon
+    at setup: tests/test_muon.py.)"""
+    over = OVER | {"train.optimizer": "muon", "ckpt.every": 0, "eval.every": 0}
+    train(make_config(corpus, tmp_path, "one", **over))
+    cfg = write_yaml(tmp_path / "run.yaml", run_dict(corpus, tmp_path, "ddp", **over))
+    r = _torchrun(cfg, "ddp")
+    assert "x 2 proc x 1 accum" in r.stdout
+    got, want = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert [s for s, _ in got] == [s for s, _ in want] == list(range(1, STEPS + 1))
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5)

@@ -93,40 +93,62 @@ def build_python_docs(
             skip.append(culprit)  # the module being imported when the worker died or stalled
         else:
             raise UserError(f"building python-docs kept failing (skipped {', '.join(skip)}).")
-        with atomic_dir(out) as d:
-            digest = hashlib.sha256()
-            n_bytes = n_val = val_bytes = 0
-            with open(d / "documents.jsonl", "w", encoding="utf-8") as f:
-                for rec in records:
-                    line = json.dumps(rec, ensure_ascii=False) + "\n"
-                    f.write(line)
-                    digest.update(line.encode("utf-8"))
-                    size = len(rec["text"].encode("utf-8"))
-                    n_bytes += size
-                    if is_validation(doc_digest(rec["text"]), VAL_FRACTION):
-                        n_val += 1
-                        val_bytes += size
-            meta = {
-                "corpus": "python-docs",
-                "python": sys.version,
-                "builder_version": BUILDER_VERSION,
-                "documents": len(records),
-                "bytes": n_bytes,
-                "val_fraction": VAL_FRACTION,
-                "val_documents": n_val,
-                "val_bytes": val_bytes,
-                "skipped_modules": skip,
-                "sha256": digest.hexdigest(),
-                "build_seconds": round(time.perf_counter() - t0, 2),
-            }
-            (d / "meta.json").write_text(json.dumps(meta, indent=2))
+        meta = write_corpus(
+            out,
+            records,
+            {"corpus": "python-docs", "builder_version": BUILDER_VERSION, "skipped_modules": skip},
+            t0,
+        )
     if verbose:
         print(
-            f"built python-docs: {len(records)} documents, {n_bytes / 1e6:.2f} MB "
-            f"(validation {n_val} documents) in {meta['build_seconds']:.1f}s -> {out}",
+            f"built python-docs: {len(records)} documents, {meta['bytes'] / 1e6:.2f} MB "
+            f"(validation {meta['val_documents']} documents) in {meta['build_seconds']:.1f}s -> {out}",
             file=sys.stderr,
         )
     return out
+
+
+def write_corpus(out: Path, records: list[dict], meta: dict, t0: float) -> dict:
+    """Write `documents.jsonl` ({"id", "text"} per line, in order) and `meta.json` (sizes, the split,
+    the Python, a content hash, plus `meta`) into `out` atomically; return the meta."""
+    with atomic_dir(out) as d:
+        digest = hashlib.sha256()
+        n_bytes = n_val = val_bytes = 0
+        with open(d / "documents.jsonl", "w", encoding="utf-8") as f:
+            for rec in records:
+                line = json.dumps(rec, ensure_ascii=False) + "\n"
+                f.write(line)
+                digest.update(line.encode("utf-8"))
+                size = len(rec["text"].encode("utf-8"))
+                n_bytes += size
+                if is_validation(doc_digest(rec["text"]), VAL_FRACTION):
+                    n_val += 1
+                    val_bytes += size
+        meta = {
+            **meta,
+            "python": sys.version,
+            "documents": len(records),
+            "bytes": n_bytes,
+            "val_fraction": VAL_FRACTION,
+            "val_documents": n_val,
+            "val_bytes": val_bytes,
+            "sha256": digest.hexdigest(),
+            "build_seconds": round(time.perf_counter() - t0, 2),
+        }
+        (d / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_corpus(directory: Path, split: str | None, name: str) -> Iterator[Document]:
+    """The documents of a built corpus in their fixed order; `split` = "train" or "val" keeps one side."""
+    if split not in (None, "train", "val"):
+        raise UserError(f"{name} split must be train or val, not {split!r}.")
+    with open(directory / "documents.jsonl", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if split is not None and is_validation(doc_digest(rec["text"]), VAL_FRACTION) != (split == "val"):
+                continue
+            yield Document(rec["text"], rec["id"])
 
 
 def _read_raw(raw: Path) -> tuple[list[dict], str | None, bool]:
@@ -157,12 +179,4 @@ def iter_python_docs(
     split: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> Iterator[Document]:
     """The corpus's documents in their fixed order; `split` = "train" or "val" keeps one side."""
-    if split not in (None, "train", "val"):
-        raise UserError(f"python-docs split must be train or val, not {split!r}.")
-    path = build_python_docs(cache_dir) / "documents.jsonl"
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if split is not None and is_validation(doc_digest(rec["text"]), VAL_FRACTION) != (split == "val"):
-                continue
-            yield Document(rec["text"], rec["id"])
+    return read_corpus(build_python_docs(cache_dir), split, "python-docs")

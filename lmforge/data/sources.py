@@ -2,6 +2,7 @@
 
 A spec is one of:
 - `python-docs`                 the embedded corpus (CPython's own documentation, built locally)
+- `python-stdlib`, `embedded`   CPython's standard-library source; both embedded corpora (embedded.py)
 - `c4`                          `allenai/c4`, config `en`, streamed from the Hugging Face hub
 - `hf:owner/name[:config][@split]`  any hub dataset, streamed (needs `datasets` and a network)
 - a file, a folder (searched recursively) or a glob of: `.txt`/`.md`/`.rst` (a file is a document),
@@ -35,7 +36,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lmforge.data.document import Document
-from lmforge.data.pydocs import iter_python_docs
+from lmforge.data.embedded import is_embedded, iter_embedded
 from lmforge.utils import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text"}
@@ -433,7 +434,7 @@ def resolve_files(spec: str) -> list[Path]:
         return [p]
     raise UserError(
         f"--data {spec}: no such file or folder. --data takes a file, a folder, a glob, "
-        "`python-docs`, `c4` or `hf:owner/name[:config]`."
+        "`python-docs`, `python-stdlib`, `embedded`, `c4` or `hf:owner/name[:config]`."
     )
 
 
@@ -539,7 +540,7 @@ def is_hub(spec: str) -> bool:
 
 def check_source(spec: str) -> None:
     """Fail now, before any work starts, if `spec` names nothing readable or an unreachable hub."""
-    if spec == "python-docs":
+    if is_embedded(spec):
         return
     if is_hub(spec):
         parse_hub_spec(spec)
@@ -561,8 +562,8 @@ def iter_documents(
     Raises `UserError` when the spec names nothing or when nothing at all could be read.
     """
     stats = stats if stats is not None else SourceStats()
-    if spec == "python-docs":
-        it = iter_python_docs()
+    if is_embedded(spec):
+        it = iter_embedded(spec)
     elif is_hub(spec):
         it = _iter_hub(spec, text_field, stats)
     else:

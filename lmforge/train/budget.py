@@ -11,7 +11,15 @@
    the output layer included, since that is what costs time). A budget of minutes on a CPU cannot give
    even the smallest depth that many; it then trains the smallest one on all the tokens the time allows,
    which beat the next depth on fewer tokens in the same time when we measured it (docs/training.md).
-3. Fit: a warmup-stable-decay schedule keeps the learning rate at its peak until the last fifth of the
+3. Weigh the data: repeated tokens lose their worth as the epochs grow (Muennighoff et al. 2023,
+   "Scaling Data-Constrained Language Models": almost the worth of new ones up to ~4 epochs at their
+   scale, then quickly less). When the chosen depth would see the training split more than MAX_EPOCHS
+   (2) times, the model grows instead, one depth at a time (each one measured), until its plan stays
+   within MAX_EPOCHS, but never to more parameters in matmuls than unique tokens. Two, not four: at the
+   quickstart's budget (5 minutes, 3M unique tokens, Muon) depth 1 at 4.3 epochs reached 1.73 bits per
+   byte, depth 2 at 2.7 epochs 1.57, depth 3 at 1.5 epochs 1.54 and depth 4 at 1.0 epoch 1.66: the
+   first depth within two epochs was the best (docs/training.md).
+4. Fit: a warmup-stable-decay schedule keeps the learning rate at its peak until the last fifth of the
    steps, so the run may still move its end while it goes: the loop re-measures its own pace after every
    step and ends the run at the deadline (`Pace`, train.fit_time), whatever the first estimate was.
 On a CPU the run also picks its thread count: all cores, or one when other jobs hold the cores and
@@ -33,7 +41,7 @@ import torch
 
 from lmforge.config import FAMILIES, preset
 from lmforge.train import distributed as D
-from lmforge.train.config import RunConfig
+from lmforge.train.config import RunConfig, TrainSection
 from lmforge.utils import UserError, human_count
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32)
@@ -42,6 +50,9 @@ OVERHEAD = 0.05  # of the budget, for evaluation, checkpoints, the final save an
 MIN_STEPS = 1000  # the global batch grows only while the run keeps at least this many steps
 EVALS = 5  # evaluations during the run (and one at the start and one at the end)
 EVAL_SHARE = 0.03  # at most this share of the training compute goes to evaluation
+LR_768, LR_MAX = 6e-4, 3e-3  # the peak learning rate: 6e-4 at d_model 768 (GPT-3 small), scaled 1/width
+MAX_EPOCHS = 2  # a plan repeating its data more often than this grows the model instead (step 3)
+MAX_PARAMS_PER_TOKEN = 1.0  # but never to more parameters in matmuls than unique tokens
 
 
 def parse_duration(text: str) -> float:
@@ -93,16 +104,18 @@ def measure(
     seconds: float = 1.0,
     max_steps: int = 4,
     give_up: float | None = None,
+    optimizer: str = "adamw",
 ) -> float:
-    """Training tokens/s of one process: real steps (forward, backward, AdamW) on random tokens; one
-    warm-up step, then at least two timed ones (more while they take under `seconds` in all). If the
-    warm-up step alone takes over `give_up` seconds, its own rate is returned (a clear loser)."""
+    """Training tokens/s of one process: real steps (forward, backward, the run's optimizer) on random
+    tokens; one warm-up step, then at least two timed ones (more while they take under `seconds` in all).
+    If the warm-up step alone takes over `give_up` seconds, its own rate is returned (a clear loser)."""
     from lmforge.model import build
+    from lmforge.train.optim import build_optimizer
 
     gen = torch.Generator().manual_seed(0)
     model = build(mc, device=device)
     model.init_weights(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+    opt = build_optimizer(model, TrainSection(lr=1e-4, optimizer=optimizer), device)
     x = torch.randint(0, mc.vocab_size, (batch_size, seq_len + 1), generator=gen).to(device)
 
     def step():
@@ -142,6 +155,8 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         )
     budget = parse_duration(cfg.time_budget)
     cfg = copy.deepcopy(cfg)
+    if cfg.train.optimizer == "auto":  # Muon trains a budget's model better (docs/training.md); not FSDP2's
+        cfg.train.optimizer = "adamw" if d.parallel == "fsdp" else "muon"
     B, T, W = cfg.train.batch_size, cfg.data.seq_len, d.world
     vocab = data.vocab_size or preset(cfg.model.family, "tiny").vocab_size
     fam = cfg.model.family
@@ -150,6 +165,7 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         return preset(fam, "tiny", **shape(fam, depth, vocab, T))
 
     def measured(depth, **kw) -> float:  # tokens/s of all processes
+        kw.setdefault("optimizer", cfg.train.optimizer)
         return _shared(measure_fn(config(depth), B, T, d.device, dtype, **kw), d) * W
 
     # 1. measure the smallest model: the cheapest to time, and the one a short budget ends up with.
@@ -202,13 +218,31 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         depth = DEPTHS[up]
     if depth not in achieved:  # ran out of measuring time: the last measured pace, by the FLOP model
         depth = max([k for k in achieved if fits(k, achieved[k])], default=probe)
+    compute_depth = depth
+
+    # 3. the data: repeated tokens lose their worth as epochs grow (Muennighoff et al. 2023). A plan that
+    # would see its unique tokens more than MAX_EPOCHS times grows the model instead, one depth at a time,
+    # until the measured pace of one brings the epochs within MAX_EPOCHS (measuring stops at a fifth of
+    # the budget).
+    unique = data.n_train_tokens
+
+    def epochs(k: int) -> float:
+        return achieved[k] / config(k).flops_per_token(T) * train_s / unique
+
+    while unique and epochs(depth) > MAX_EPOCHS and time.time() - t_measure < budget / 5:
+        up = DEPTHS.index(depth) + 1
+        if up == len(DEPTHS) or matmul_params(config(DEPTHS[up])) > MAX_PARAMS_PER_TOKEN * unique:
+            break
+        depth = DEPTHS[up]
+        if depth not in achieved:
+            achieved[depth] = measured(depth) * config(depth).flops_per_token(T)
     mc, n, flops = config(depth), matmul_params(config(depth)), achieved[depth]
     tps = flops / mc.flops_per_token(T)
     t_measure = time.time() - t_measure
     left = budget - (time.time() - t_start)
     train_s = left * (1 - OVERHEAD)
     tokens = int(tps * train_s)
-    # 3. batch, steps, learning rate, schedule, evaluation
+    # 4. batch, steps, learning rate, schedule, evaluation
     micro = B * T * W
     gbt = micro
     while gbt * 2 <= min(tokens / MIN_STEPS, 1 << 19):  # enough steps, at most 0.5M tokens a step
@@ -224,7 +258,7 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
     cfg.model.size = "tiny"
     cfg.model.overrides = {**cfg.model.overrides, **over}
     cfg.train.tokens, cfg.train.max_steps, cfg.train.global_batch_tokens = tokens, None, gbt
-    cfg.train.lr = float(f"{min(3e-3, max(1e-4, 6e-4 * 768 / mc.d_model)):.2g}")
+    cfg.train.lr = float(f"{min(LR_MAX, max(1e-4, LR_768 * 768 / mc.d_model)):.2g}")
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, steps // 20))
     cfg.train.schedule = "wsd"  # the end of the run may move until the decay starts (train.fit_time)
     cfg.train.max_time = (
@@ -252,7 +286,13 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
     ]
     if threads_line:
         lines.insert(1, threads_line)
-    if TOKENS_PER_PARAM * n > tokens and depth == DEPTHS[0]:
+    if depth != compute_depth:
+        lines.append(
+            f"  (depth {compute_depth} would see the {human_count(unique)}-token training split "
+            f"{epochs(compute_depth):.1f} times; repeats beyond ~{MAX_EPOCHS} epochs are worth less, so the "
+            f"model grows instead: depth {depth} sees it {epochs(depth):.1f} times)"
+        )
+    elif TOKENS_PER_PARAM * n > tokens and depth == DEPTHS[0]:
         lines.append(
             "  (the budget cannot give even the smallest depth 20 tokens per parameter; it trains that one "
             "on all the tokens the time allows, which beats a larger one on fewer)"

@@ -85,6 +85,10 @@ class TrainSection:
     """AdamW beta2"""
     eps: float = 1e-8
     """AdamW epsilon"""
+    optimizer: str = "auto"
+    """auto (muon for a new model sized by --time-budget, where it measured best; adamw otherwise), adamw, or muon: torch.optim.Muon (orthogonalised momentum) for the blocks' 2-D weight matrices and AdamW for the rest (embeddings, output head, norms, biases, LoRA's A and B); lr, weight decay and schedule carry over (match_rms_adamw). Not with --parallel fsdp"""
+    muon_momentum: float = 0.95
+    """muon: momentum of the Muon matrices (Nesterov)"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this (0 = no clipping)"""
     freeze_embeddings: bool = False
@@ -303,6 +307,8 @@ RULES: dict[str, Range | tuple[str, ...]] = {
     "train.beta1": OPEN_FRACTION,
     "train.beta2": OPEN_FRACTION,
     "train.eps": POSITIVE,
+    "train.optimizer": ("auto", "adamw", "muon"),
+    "train.muon_momentum": OPEN_FRACTION,
     "train.grad_clip": NON_NEGATIVE,
     "train.max_time": POSITIVE,
     "eval.every": NON_NEGATIVE,

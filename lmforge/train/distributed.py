@@ -197,12 +197,19 @@ def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_sd_options(full_state_dict=True, cpu_offload=True))
 
 
+def _torch_optimizers(optimizer):
+    """A torch optimizer, or the tuple of them behind an optim.Optimizers (Muon + AdamW): torch's
+    state-dict helpers take either, and merge several into one state keyed by parameter name."""
+    return tuple(optimizer.optimizers) if hasattr(optimizer, "optimizers") else optimizer
+
+
 def full_optimizer_state(model: nn.Module, optimizer, d: Dist) -> dict:
-    """Optimizer state keyed by parameter name, full tensors on CPU (rank 0; empty on other ranks)."""
+    """Optimizer state keyed by parameter name, full tensors on CPU (rank 0; empty on other ranks).
+    AdamW: step, exp_avg, exp_avg_sq per parameter; Muon's matrices: momentum_buffer."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(
-        model, optimizer, options=_sd_options(full_state_dict=True, cpu_offload=True)
+        model, _torch_optimizers(optimizer), options=_sd_options(full_state_dict=True, cpu_offload=True)
     )
 
 
@@ -218,4 +225,22 @@ def load_optimizer_state(model: nn.Module, optimizer, state: dict, d: Dist) -> N
     """Load a full, name-keyed optimizer state (every rank has read it) into a possibly sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=_sd_options(full_state_dict=True))
+    _check_same_optimizer(optimizer, state)
+    set_optimizer_state_dict(
+        model, _torch_optimizers(optimizer), state, options=_sd_options(full_state_dict=True)
+    )
+
+
+def _check_same_optimizer(optimizer, state: dict) -> None:
+    """A checkpoint of one --train.optimizer does not resume with the other (torch's loader would stop
+    with a KeyError): one line naming both. Muon's param groups are the ones with `ns_coefficients`."""
+    optims = _torch_optimizers(optimizer)
+    ours = any(isinstance(o, torch.optim.Muon) for o in (optims if isinstance(optims, tuple) else [optims]))
+    theirs = any("ns_coefficients" in g for g in state.get("param_groups", []))
+    if ours != theirs:
+        kind = {True: "muon", False: "adamw"}
+        raise UserError(
+            f"the checkpoint was trained with --train.optimizer {kind[theirs]}, this run uses {kind[ours]}: "
+            f"resume with --train.optimizer {kind[theirs]}, or start a new run from its weights with "
+            "--model.init_from CHECKPOINT_DIR"
+        )

@@ -1,8 +1,19 @@
-"""AdamW with decay / no-decay parameter groups, and learning-rate schedules.
+"""Optimizers (AdamW, or Muon for the hidden matrices and AdamW for the rest) and learning-rate schedules.
 
 Weight decay pulls weights towards zero; that is a useful prior for the matrices of linear layers but
 not for norm gains (their natural value is 1), biases, or embedding rows (rare tokens would be decayed
 towards zero between their occurrences). LoRA's A and B are matrices and are decayed like any other.
+
+--train.optimizer muon: torch.optim.Muon updates the 2-D weights of the blocks' linear layers (attention
+and MLP projections, an MoE router) with the orthogonalised momentum (Newton-Schulz: U V^T of its SVD,
+roughly), which only makes sense for a matrix that maps hidden states to hidden states. Everything else
+keeps AdamW with its usual groups: embeddings (a row per token, not a linear map), the output head (its
+own AdamW-tuned scale; tied to the embedding or not), norms, biases, MoE's stacked 3-D experts, and
+LoRA's A and B (factors of the weight's update, not the weight: orthogonalising each factor's update
+does not orthogonalise B A, and LoRA learning rates are tuned for AdamW). `adjust_lr_fn="match_rms_adamw"`
+(Moonshot, "Muon is Scalable for LLM Training") scales each matrix's update by 0.2 * sqrt(max(A, B)),
+which gives it AdamW's typical update RMS (~0.2 lr), so --train.lr, --train.weight_decay and the
+schedule carry over from AdamW unchanged. The two torch optimizers are stepped as one (`Optimizers`).
 
 The schedule is a pure function of the step (`lr_at`), so "scheduler state" is just the step number:
 a resumed run computes exactly the same learning rates.
@@ -11,16 +22,29 @@ a resumed run computes exactly the same learning rates.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
 
 from lmforge.train.config import TrainSection
+from lmforge.utils import UserError
+
+_IN_BLOCK = re.compile(r"(^|\.)blocks\.\d+\.")  # "blocks.3.attn.wo.weight" (DDP: "module.blocks.3...")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups over the trainable parameters: 2-D+ weights of linear layers decay, the rest not."""
-    decay, no_decay, seen = [], [], set()
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """Muon's share: a 2-D weight of a linear layer inside a block (not LoRA's A/B, see the docstring).
+
+    Fused projections are one matrix here: q, k and v (`wqkv`), and gate and up (`w_in` of GLU MLPs),
+    are orthogonalised together as one (out, in) matrix, not per part, as the model stores them."""
+    return p.ndim == 2 and bool(_IN_BLOCK.search(name)) and "lora_" not in name
+
+
+def param_groups(model: nn.Module, weight_decay: float, skip: frozenset[int] = frozenset()) -> list[dict]:
+    """Two AdamW groups over the trainable parameters: 2-D+ weights of linear layers decay, the rest not.
+    `skip`: ids of parameters another optimizer (Muon) updates."""
+    decay, no_decay, seen = [], [], set(skip)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
@@ -35,12 +59,66 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def muon_params(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable hidden matrices (`is_hidden_matrix`), each once, in the model's order."""
+    out, seen = [], set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen and is_hidden_matrix(name, p):
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+class Optimizers:
+    """Several torch optimizers over disjoint parameters, used as one: step, zero_grad, and param_groups
+    (all of theirs, so that `set_lr` sets every group's rate). The checkpoint helpers
+    (distributed.full_optimizer_state / load_optimizer_state) save and load `.optimizers` together,
+    keyed by parameter name."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def __repr__(self) -> str:
+        return f"Optimizers({', '.join(type(o).__name__ for o in self.optimizers)})"
+
+
 def build_optimizer(model: nn.Module, t: TrainSection, device: torch.device, sharded: bool = False):
-    """AdamW over `model`'s trainable parameters: fused kernels where torch has them (CUDA, CPU), for
-    FSDP2's sharded (DTensor) parameters too, so that a shard is updated exactly as one process updates
-    the whole tensor (foreach rounds differently in the last bit, which bf16 amplifies)."""
-    groups = param_groups(model, t.weight_decay)
-    if not groups:
+    """The optimizer over `model`'s trainable parameters, as --train.optimizer says:
+
+    adamw: AdamW, fused kernels where torch has them (CUDA, CPU), for FSDP2's sharded (DTensor)
+      parameters too, so that a shard is updated exactly as one process updates the whole tensor
+      (foreach rounds differently in the last bit, which bf16 amplifies);
+    muon: Optimizers(Muon over the hidden matrices, that AdamW over the rest); just the AdamW when no
+      hidden matrix trains (LoRA). Not with FSDP2 (`sharded`): see below.
+    """
+    kind = "adamw" if t.optimizer == "auto" else t.optimizer  # --time-budget turns auto into muon first
+    if kind not in ("adamw", "muon"):
+        raise UserError(f"--train.optimizer {t.optimizer!r}: choose one of auto, adamw, muon")
+    hidden = muon_params(model) if kind == "muon" else []
+    if hidden and sharded:
+        # torch.optim.Muon on FSDP2's DTensor shards runs and does the whole matrix's math (DTensor ops:
+        # the norm and every Newton-Schulz matmul are collectives), but its bf16 partial sums round
+        # otherwise than one process: measured on 2 gloo ranks, the loss drifts from 1 process by 2e-5
+        # in 6 steps (DDP: equal). An inexact, collective-bound update is not offered silently.
+        raise UserError(
+            "--train.optimizer muon does not run on FSDP2's sharded weights (Newton-Schulz needs each "
+            "whole matrix; torch.optim.Muon on DTensor shards is not exact): use --parallel ddp, or "
+            "--train.optimizer adamw with --parallel fsdp"
+        )
+    groups = param_groups(model, t.weight_decay, skip=frozenset(id(p) for p in hidden))
+    if not groups and not hidden:
         raise ValueError(
             "no trainable parameters: everything is frozen (check train.freeze_embeddings / lora)"
         )
@@ -49,7 +127,18 @@ def build_optimizer(model: nn.Module, t: TrainSection, device: torch.device, sha
         kw["fused"] = True
     else:
         kw["foreach"] = True
-    return torch.optim.AdamW(groups, **kw)
+    adamw = torch.optim.AdamW(groups, **kw) if groups else None
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon(
+        hidden,
+        lr=t.lr,
+        weight_decay=t.weight_decay,  # decoupled, lr * wd as AdamW's
+        momentum=t.muon_momentum,
+        nesterov=True,
+        adjust_lr_fn="match_rms_adamw",  # update RMS ~0.2 lr, as AdamW's: train.lr carries over
+    )
+    return Optimizers(muon, *([adamw] if adamw is not None else []))
 
 
 def warmup_steps(t: TrainSection, total: int) -> int:

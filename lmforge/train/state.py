@@ -5,7 +5,7 @@ state around one.) A checkpoint directory is a loadable model plus everything ne
 for bit:
 
     config.json, model.safetensors, ...   the HF model directory (LoRA runs: the adapter files instead)
-    optimizer.safetensors                 AdamW moments and step counts, keyed "<param name>/<key>"
+    optimizer.safetensors                 AdamW moments and steps (Muon: momentum), keyed "<param name>/<key>"
     trainer_state.json                    step, tokens, param groups, python/numpy RNG, data loader position
     rng.safetensors                       torch CPU/CUDA generator states of every rank (+ any loader tensors)
 

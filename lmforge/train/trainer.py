@@ -39,7 +39,7 @@ from lmforge.train import lora as L
 from lmforge.train.config import Resume, RunConfig, default_name
 from lmforge.train.data import Data, make_data
 from lmforge.train.metrics import Metrics, format_duration, peak_flops, summary_lines, write_report
-from lmforge.train.optim import build_optimizer, decay_start, lr_at, set_lr
+from lmforge.train.optim import Optimizers, build_optimizer, decay_start, lr_at, set_lr
 from lmforge.train.state import Checkpointer, seed_all, step_dir, write_error
 from lmforge.train.validate import evaluate, sample
 from lmforge.train.watchdog import Watchdog
@@ -178,6 +178,11 @@ class Trainer:
             model = torch.compile(model)
         self.model = model
         self.optimizer = build_optimizer(model, cfg.train, dev, sharded=self.d.parallel == "fsdp")
+        if cfg.train.optimizer == "muon" and not isinstance(self.optimizer, Optimizers):
+            self.say(
+                "note: --train.optimizer muon: no hidden matrix trains here (LoRA's A and B go to AdamW), "
+                "so every trainable parameter uses AdamW"
+            )
         # --train.keep_zeros: masks of the matrices' zeros (a pruned model's), re-applied after every step
         self.zero_masks = (
             [(p, p == 0) for p in model.parameters() if p.dim() >= 2] if cfg.train.keep_zeros else []
