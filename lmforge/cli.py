@@ -53,7 +53,7 @@ COMMANDS: tuple[Command, ...] = (  # the order of `lmforge --help`
     Command(
         "quickstart",
         "lmforge.quickstart:quickstart",
-        "build a first model end to end on the embedded python-docs corpus",
+        "build a first model end to end on the embedded corpora (python-docs + python-stdlib)",
         ("lmforge quickstart", "lmforge quickstart --fresh", "lmforge quickstart --steps 20 --no-export"),
     ),
     Command(

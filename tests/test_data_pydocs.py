@@ -1,4 +1,5 @@
-"""The embedded python-docs corpus: built offline, deterministic, sized, split by hash, side-effect free."""
+"""The embedded corpora (python-docs, python-stdlib, embedded): built offline, deterministic, sized, split by
+hash, side-effect free, and python-stdlib without python-docs' validation text."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """Data: sources -> documents; prepare -> token shards; loaders -> batches; SFT rendering and loss masks.
 
-    sources.py          iter_documents(spec): text/JSON/Parquet files, C4 shards, hub datasets, python-docs
+    sources.py          iter_documents(spec): text/JSON/Parquet files, C4 shards, hub datasets, embedded
     pydocs.py           the embedded python-docs corpus (built locally from CPython's own docs)
+    pystdlib.py         the embedded python-stdlib corpus (CPython's standard-library source)
+    embedded.py         the names of the embedded corpora: python-docs, python-stdlib, embedded (both)
     tokenize_corpus.py  train_tokenizer_on(spec, vocab_size, out): `lmforge tokenizer train`
     prepare.py          prepare(spec, tokenizer, out): `lmforge data prepare` (parallel, dedup, split)
     loader.py           TokenLoader: packed (x, y) batches, seeded shuffle, ranks, exact resume
@@ -21,6 +23,8 @@ _EXPORTS = {
     "iter_documents": "sources",
     "build_python_docs": "pydocs",
     "iter_python_docs": "pydocs",
+    "build_python_stdlib": "pystdlib",
+    "iter_python_stdlib": "pystdlib",
     "train_tokenizer_on": "tokenize_corpus",
     "read_meta": "prepare",
     "TokenLoader": "loader",

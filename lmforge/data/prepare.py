@@ -204,8 +204,8 @@ def prepare(
     The result has "reused": True when a finished preparation of the same input was found.
 
     Args:
-        data: python-docs (built in), c4, hf:owner/name[:config][@split], or a file/folder/glob of .txt
-            .md .json .jsonl .parquet (.gz/.zst too)
+        data: python-docs, python-stdlib or embedded (built in), c4, hf:owner/name[:config][@split], or a
+            file/folder/glob of .txt .md .json .jsonl .parquet (.gz/.zst too)
         out: directory for the shards and meta.json
         workers: tokenizer processes, at least 1 (default: all cores; 1 = in this process, on one core)
         val_fraction: share of documents (by content hash) in the validation split

@@ -39,8 +39,8 @@ def train_tokenizer_on(
     """Train on the train split of `data`, save to `out` (if given); return (tokenizer, report).
 
     Args:
-        data: python-docs (built in), c4, hf:owner/name[:config][@split], or a file/folder/glob of .txt
-            .md .json .jsonl .parquet (.gz/.zst too)
+        data: python-docs, python-stdlib or embedded (built in), c4, hf:owner/name[:config][@split], or a
+            file/folder/glob of .txt .md .json .jsonl .parquet (.gz/.zst too)
         vocab_size: vocabulary size including 256 byte tokens and the special tokens (e.g. 8192)
         out: directory to write tokenizer.json and tokenizer_config.json
         max_docs: read at most this many documents

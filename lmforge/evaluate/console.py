@@ -42,8 +42,8 @@ def print_evaluation(
     """Score the model on data and/or tasks, print each result and return them all.
 
     Args:
-        data: a `data prepare` directory, or a source: python-docs, c4, hf:owner/name[:config][@split], a
-            file/folder/glob of .txt .md .json .jsonl .parquet
+        data: a `data prepare` directory, or a source: python-docs, python-stdlib, embedded, c4,
+            hf:owner/name[:config][@split], a file/folder/glob of .txt .md .json .jsonl .parquet
         split: val (held-out documents, by content hash as in `data prepare`; default), train or all
         max_tokens: stop after scoring this many tokens (default: all)
         max_docs: read at most this many documents of the split
