@@ -14,11 +14,12 @@
 3. Weigh the data: repeated tokens lose their worth as the epochs grow (Muennighoff et al. 2023,
    "Scaling Data-Constrained Language Models": almost the worth of new ones up to ~4 epochs at their
    scale, then quickly less). When the chosen depth would see the training split more than MAX_EPOCHS
-   (2) times, the model grows instead, one depth at a time (each one measured), until its plan stays
-   within MAX_EPOCHS, but never to more parameters in matmuls than unique tokens. Two, not four: at the
+   (1.5) times, the model grows instead, one depth at a time (each one measured), until its plan stays
+   within MAX_EPOCHS, but never to more parameters in matmuls than unique tokens. 1.5, not 4: at the
    quickstart's budget (5 minutes, 3M unique tokens, Muon) depth 1 at 4.3 epochs reached 1.73 bits per
-   byte, depth 2 at 2.7 epochs 1.57, depth 3 at 1.5 epochs 1.54 and depth 4 at 1.0 epoch 1.66: the
-   first depth within two epochs was the best (docs/training.md).
+   byte, depth 2 at 2.7 epochs 1.57, depth 3 at 1.5 epochs 1.54 and depth 4 at 1.0 epoch 1.66
+   (docs/training.md); the planner's first measurements in a fresh process can be ~30% slow, and 1.5
+   still lands on depth 3 then.
 4. Fit: a warmup-stable-decay schedule keeps the learning rate at its peak until the last fifth of the
    steps, so the run may still move its end while it goes: the loop re-measures its own pace after every
    step and ends the run at the deadline (`Pace`, train.fit_time), whatever the first estimate was.
@@ -51,7 +52,7 @@ MIN_STEPS = 1000  # the global batch grows only while the run keeps at least thi
 EVALS = 5  # evaluations during the run (and one at the start and one at the end)
 EVAL_SHARE = 0.03  # at most this share of the training compute goes to evaluation
 LR_768, LR_MAX = 6e-4, 3e-3  # the peak learning rate: 6e-4 at d_model 768 (GPT-3 small), scaled 1/width
-MAX_EPOCHS = 2  # a plan repeating its data more often than this grows the model instead (step 3)
+MAX_EPOCHS = 1.5  # a plan repeating its data more often than this grows the model instead (step 3)
 MAX_PARAMS_PER_TOKEN = 1.0  # but never to more parameters in matmuls than unique tokens
 
 
@@ -181,7 +182,7 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         torch.set_num_threads(n_threads)
         every = measured(probe, give_up=2 * B * T / one)  # a warm-up step that slow has lost already
         if one > every:  # a second chance: a process's first steps with a new thread count can be slow
-            # (measured: 18.8K tokens/s right after `make quickstart`'s install, 52K a second later)
+            # (measured: 18.8K tokens/s in a quickstart right after its install, 52K in a later process)
             every = max(every, measured(probe, give_up=2 * B * T / one))
         if one > every:
             torch.set_num_threads(1)
