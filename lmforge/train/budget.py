@@ -184,13 +184,15 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         if one > every:  # a second chance: a process's first steps with a new thread count can be slow
             # (measured: 18.8K tokens/s in a quickstart right after its install, 52K in a later process)
             every = max(every, measured(probe, give_up=2 * B * T / one))
-        if one > every:
+        if 0.85 * one > every:  # one thread only when clearly faster (Threads' margin); a tie goes to all
+            # of them, which an idle machine runs faster once warm (the quickstart: 31.6K vs 31.5K here,
+            # then 0.13 s a step with two threads against 0.21 s with one)
             torch.set_num_threads(1)
         threads_line = (
             f"  threads: {torch.get_num_threads()} ({human_count(one)} tokens/s with 1, "
             f"{human_count(every)} with {n_threads}; the run re-checks as it goes)"
         )
-        tps_probe = max(one, every)
+        tps_probe = one if torch.get_num_threads() == 1 else every
     else:
         tps_probe = measured(probe)
     flops = tps_probe * config(probe).flops_per_token(T)  # achieved model FLOP/s, all processes
