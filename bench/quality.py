@@ -132,9 +132,9 @@ def lmforge_row(cfg: RunConfig, out: Path, name: str = "lmforge") -> dict:
     }
 
 
-def previous_plan(cfg: RunConfig, run: Path) -> RunConfig:
+def previous_plan(cfg: RunConfig) -> RunConfig:
     """The plan the quickstart made before it weighed the data and trained with Muon: today's `plan()`
-    with the epoch rule off and AdamW, from the quickstart's own unplanned settings."""
+    with the epoch rule off, batches for 1000 steps and AdamW, from the quickstart's unplanned settings."""
     from lmforge.train import budget
     from lmforge.train.data import make_data
     from lmforge.train.distributed import Dist
@@ -147,14 +147,14 @@ def previous_plan(cfg: RunConfig, run: Path) -> RunConfig:
         RunConfig().train, batch_size=cfg.train.batch_size, optimizer="adamw", max_time=None, fit_time=False
     )
     c.eval.batches = RunConfig().eval.batches
-    saved = budget.MAX_EPOCHS
-    budget.MAX_EPOCHS = float("inf")
+    saved = budget.MAX_EPOCHS, budget.MIN_STEPS
+    budget.MAX_EPOCHS, budget.MIN_STEPS = float("inf"), 1000  # no epoch rule; batches for 1000 steps
     try:
         planned, lines = budget.plan(
             c, make_data(c), Dist(), compute_dtype(c.dtype, torch.device("cpu")), time.time()
         )
     finally:
-        budget.MAX_EPOCHS = saved
+        budget.MAX_EPOCHS, budget.MIN_STEPS = saved
     print("previous plan:", *(x.strip() for x in lines[:4]), sep="\n  ")
     planned.train = dataclasses.replace(planned.train, max_time=cfg.train.max_time, fit_time=True)
     return planned
@@ -290,7 +290,7 @@ def main() -> None:
         prev = copy.deepcopy(cfg)
         prev.train = dataclasses.replace(cfg.train, optimizer="adamw")
     else:
-        prev = previous_plan(cfg, run)
+        prev = previous_plan(cfg)
     prev_depth = prev.model.overrides.get("n_layers")
 
     load0 = os.getloadavg()[0]
