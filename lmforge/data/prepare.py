@@ -44,7 +44,6 @@ import numpy as np
 
 from lmforge.data import _encode_worker, embedded
 from lmforge.data.document import doc_digest, is_validation
-from lmforge.data.embedded import is_embedded
 from lmforge.data.sources import SourceStats, check_source, is_hub, iter_documents, resolve_files
 from lmforge.outputs import check_output
 from lmforge.tokenizer import Tokenizer
@@ -151,7 +150,7 @@ class ShardWriter:
 # ------------------------------------------------------------------------------------ fingerprint
 def input_fingerprint(data: str, options: dict) -> str:
     """What the result depends on: the files (path, size, mtime) or corpus identity, and the options."""
-    if is_embedded(data):
+    if embedded.is_embedded(data):
         source = embedded.identity(data)
     elif is_hub(data):
         source = {"hub": data}  # a hub dataset is identified by its name only
@@ -239,7 +238,7 @@ def prepare(
     }
     check_source(data)  # a bad path or an unreachable hub fails here, before anything is started
     fingerprint = input_fingerprint(data, options)
-    inputs = [None if is_embedded(data) or is_hub(data) else data]
+    inputs = [None if embedded.is_embedded(data) or is_hub(data) else data]
     inputs.append(None if isinstance(tokenizer, Tokenizer) else tokenizer)
     # Anything but a preparation needs --force; a preparation is ours to reuse or replace (below).
     check_output(out, "data", force=force, inputs=inputs, same_kind_ok=True)
