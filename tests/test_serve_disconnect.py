@@ -72,8 +72,11 @@ def test_disconnected_clients_free_their_rows(server):
     assert time.monotonic() - t0 < 5
     text = httpx.get(server.url + "/metrics").text
     assert metric(text, "lmforge_requests_running") == 0 and metric(text, "lmforge_requests_waiting") == 0
-    assert metric(text, "lmforge_requests_total", outcome="cancelled") == N_STREAMS + 4, text
-    assert metric(text, "lmforge_requests_total", outcome="length") == 1
+    # every dropped stream is cancelled; a timed-out request is cancelled too, unless a fast machine
+    # finished its 8 x 250 tokens within the client's 0.2 s (then it counts as "length"): none is lost
+    cancelled = metric(text, "lmforge_requests_total", outcome="cancelled")
+    finished = metric(text, "lmforge_requests_total", outcome="length") - 1  # the 16-token request
+    assert cancelled >= N_STREAMS and cancelled + finished == N_STREAMS + 4, text
     health = httpx.get(server.url + "/health").json()
     assert health["running"] == 0 and health["waiting"] == 0
 
