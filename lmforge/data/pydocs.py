@@ -42,9 +42,18 @@ def cache_root() -> Path:
     return Path(base) / "lmforge"
 
 
+def corpus_dir(name: str, builder_version: int, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where an embedded corpus built by this Python (and this builder version) is cached."""
+    tag = f"{platform.python_implementation().lower()}-{platform.python_version()}-v{builder_version}"
+    return Path(cache_dir or cache_root() / name) / tag
+
+
+def is_built(directory: Path) -> bool:
+    return (directory / "meta.json").is_file() and (directory / "documents.jsonl").is_file()
+
+
 def python_docs_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    tag = f"{platform.python_implementation().lower()}-{platform.python_version()}-v{BUILDER_VERSION}"
-    return Path(cache_dir or cache_root() / "python-docs") / tag
+    return corpus_dir("python-docs", BUILDER_VERSION, cache_dir)
 
 
 def build_python_docs(
@@ -60,7 +69,7 @@ def build_python_docs(
     Python version, modules skipped, a content hash).
     """
     out = python_docs_dir(cache_dir)
-    if (out / "meta.json").is_file() and (out / "documents.jsonl").is_file() and not force:
+    if is_built(out) and not force:
         return out
     t0 = time.perf_counter()
     skip: list[str] = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import sysconfig
 import time
@@ -30,7 +29,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.data.document import Document
-from lmforge.data.pydocs import cache_root, iter_python_docs, python_docs_meta, read_corpus, write_corpus
+from lmforge.data.pydocs import (
+    corpus_dir,
+    is_built,
+    iter_python_docs,
+    python_docs_meta,
+    read_corpus,
+    write_corpus,
+)
 from lmforge.utils import UserError
 
 BUILDER_VERSION = 1  # bump when the selection changes, so old caches are not reused
@@ -46,8 +52,7 @@ def stdlib_root() -> Path:
 
 
 def python_stdlib_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    tag = f"{platform.python_implementation().lower()}-{platform.python_version()}-v{BUILDER_VERSION}"
-    return Path(cache_dir or cache_root() / "python-stdlib") / tag
+    return corpus_dir("python-stdlib", BUILDER_VERSION, cache_dir)
 
 
 def _source_files(root: Path) -> list[Path]:
@@ -77,7 +82,7 @@ def build_python_stdlib(
 ) -> Path:
     """Build the corpus (or reuse the cached one) and return its directory (`documents.jsonl`, `meta.json`)."""
     out = python_stdlib_dir(cache_dir)
-    if (out / "meta.json").is_file() and (out / "documents.jsonl").is_file() and not force:
+    if is_built(out) and not force:
         return out
     t0 = time.perf_counter()
     root = stdlib_root()
