@@ -12,7 +12,8 @@ Memory is measured in a fresh subprocess per contestant: the peak resident size 
 reset once the model is loaded) minus the resident size with the model loaded, i.e. what training
 adds to the weights (gradients, AdamW state, activations, temporaries).
 
-    python bench/finetune.py [--batch 4 --seq 256 --rank 16 --iters 3 --threads 2,1 --only lora --smoke]
+    python bench/finetune.py [--batch 4 --seq 256 --rank 16 --iters 3 --threads 2,1 --dtypes fp32,bf16
+                             --only lora --smoke]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from common import machine  # noqa: E402
 from lmforge.checkpoint import load_model, save_model  # noqa: E402
 from lmforge.config import ModelConfig  # noqa: E402
 from lmforge.model import build  # noqa: E402
-from lmforge.train.lora import apply_lora  # noqa: E402
+from lmforge.train.lora import apply_lora, freeze_base_dtype  # noqa: E402
 
 # SmolLM-135M (HuggingFaceTB/SmolLM-135M config.json): llama, 30 layers of 576, 9 heads / 3 KV heads
 SMOLLM = dict(
@@ -62,13 +63,22 @@ def make_base(d: Path, layers: int = 30) -> Path:
     return d
 
 
-def contestant(name: str, base: Path, rank: int):
-    """(model, step function taking (ids, targets)) for one contestant."""
+def contestant(name: str, base: Path, rank: int, dtype: str = "fp32"):
+    """(model, step function taking (ids, targets)) for one contestant.
+
+    dtype bf16: each library's own bf16 recipe. Both train under bf16 autocast; full fine-tuning keeps
+    fp32 weights (the optimizer's master copy) in both. LoRA: lmforge as `lmforge finetune --dtype bf16`
+    runs it (fp32 model, frozen linear weights cast to bf16 once: lora.freeze_base_dtype); transformers
+    + peft as their docs do it: the model loaded in bf16 (`dtype=torch.bfloat16`, embeddings and norms
+    too), peft's adapters in fp32 (autocast_adapter_dtype)."""
     lora = name.endswith("lora")
+    bf16 = dtype == "bf16"
     if name.startswith("lmforge"):
         model = load_model(base, dtype=torch.float32).train()
         if lora:
             apply_lora(model, rank=rank, alpha=2.0 * rank, targets=["all"])
+            if bf16:
+                freeze_base_dtype(model, torch.bfloat16)
 
         def loss_of(ids, tgt):
             return model(ids, tgt)
@@ -76,7 +86,8 @@ def contestant(name: str, base: Path, rank: int):
     else:
         import transformers as T
 
-        model = T.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).train()
+        load_dtype = torch.bfloat16 if bf16 and lora else torch.float32
+        model = T.AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype).train()
         if lora:
             import peft
 
@@ -93,7 +104,8 @@ def contestant(name: str, base: Path, rank: int):
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
 
     def step(ids, tgt):
-        loss = loss_of(ids, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_of(ids, tgt)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -128,7 +140,7 @@ def timed(names: list[str], base: Path, a) -> dict:
     ids, tgt, _ = batch(a.batch, a.seq, SMOLLM["vocab_size"])
     runs = {}
     for n in names:
-        model, step, n_train = contestant(n, base, a.rank)
+        model, step, n_train = contestant(n, base, a.rank, a.dtype)
         step(ids, tgt)  # warm-up (allocations, optimizer state)
         runs[n] = (model, step, n_train)
     wall: dict = {n: [] for n in names}
@@ -150,7 +162,7 @@ def timed(names: list[str], base: Path, a) -> dict:
 def memory_child(name: str, base: Path, a) -> None:
     """In a fresh process: peak resident MB of two steps above the resident size with the model loaded."""
     ids, tgt, _ = batch(a.batch, a.seq, SMOLLM["vocab_size"])
-    _model, step, _ = contestant(name, base, a.rank)
+    _model, step, _ = contestant(name, base, a.rank, a.dtype)
     loaded = _status("VmRSS")
     _reset_peak()
     for _ in range(2):
@@ -160,7 +172,7 @@ def memory_child(name: str, base: Path, a) -> None:
 
 def memory(name: str, base: Path, a) -> dict:
     cmd = [sys.executable, __file__, "--memory-of", name, "--base", str(base), "--batch", str(a.batch)]
-    cmd += ["--seq", str(a.seq), "--rank", str(a.rank), "--threads", "1"]
+    cmd += ["--seq", str(a.seq), "--rank", str(a.rank), "--threads", "1", "--dtypes", a.dtype]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -180,6 +192,11 @@ def main() -> None:
     ap.add_argument(
         "--only", choices=["lora", "full"], default=None, help="run only LoRA or full fine-tuning"
     )
+    ap.add_argument(
+        "--dtypes",
+        default="fp32,bf16",
+        help="precisions to run, comma-separated: fp32 and/or bf16 (autocast; default both)",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument(
         "--smoke", action="store_true", help="a seconds-long check that it runs (2 layers, tiny batch)"
@@ -187,6 +204,10 @@ def main() -> None:
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    dtypes = [t.strip() for t in a.dtypes.split(",")]
+    if any(t not in ("fp32", "bf16") for t in dtypes):
+        ap.error(f"--dtypes {a.dtypes}: choose from fp32, bf16")
+    a.dtype = dtypes[0]
     if a.memory_of:
         torch.set_num_threads(1)
         memory_child(a.memory_of, Path(a.base), a)
@@ -202,35 +223,36 @@ def main() -> None:
         base = make_base(Path(tmp) / "smollm-135m", a.layers)
         print(machine())
         print(
-            f"SmolLM-135M shape ({a.layers} layers), batch {a.batch} x {a.seq}, LoRA rank {a.rank} on every projection, fp32"
+            f"SmolLM-135M shape ({a.layers} layers), batch {a.batch} x {a.seq}, LoRA rank {a.rank} on every projection"
         )
         pairs = []
         if a.only in (None, "lora"):
             pairs.append(("LoRA", ["lmforge-lora", "peft-lora"]))
         if a.only in (None, "full"):
             pairs.append(("full", ["lmforge-full", "transformers-full"]))
-        mem: dict = {}
-        for th in threads:
-            torch.set_num_threads(th)
-            for kind, names in pairs:
-                r = timed(names, base, a)
-                if not a.no_memory and names[0] not in mem:  # the same at any thread count: once
-                    mem.update((n, memory(n, base, a)) for n in names)
-                print(f"\n{kind} fine-tuning, {th} thread(s):")
-                for n in names:
-                    wall, cpu, n_train = r[n]
-                    m = f", training peak +{mem[n]['train_mb']:,.0f} MB over loaded" if n in mem else ""
-                    print(f"  {n:18s} {wall:7.1f} tok/s wall, {cpu:7.1f} tok/CPU-s, {n_train:,} trainable{m}")
-                ours, theirs = names
-                print(
-                    f"  ratio {ours} / {theirs}: {r[ours][0] / r[theirs][0]:.2f}x wall, "
-                    f"{r[ours][1] / r[theirs][1]:.2f}x CPU"
-                    + (
-                        f"; training memory {mem[ours]['train_mb'] / mem[theirs]['train_mb']:.2f}x"
-                        if mem
-                        else ""
-                    )
-                )
+        for a.dtype in dtypes:
+            mem: dict = {}
+            for th in threads:
+                torch.set_num_threads(th)
+                for kind, names in pairs:
+                    r = timed(names, base, a)
+                    if not a.no_memory and names[0] not in mem:  # the same at any thread count: once
+                        mem.update((n, memory(n, base, a)) for n in names)
+                    report(f"{kind} fine-tuning, {a.dtype}, {th} thread(s)", names, r, mem)
+
+
+def report(title: str, names: list[str], r: dict, mem: dict) -> None:
+    print(f"\n{title}:")
+    for n in names:
+        wall, cpu, n_train = r[n]
+        m = f", training peak +{mem[n]['train_mb']:,.0f} MB over loaded" if n in mem else ""
+        print(f"  {n:18s} {wall:7.1f} tok/s wall, {cpu:7.1f} tok/CPU-s, {n_train:,} trainable{m}")
+    ours, theirs = names
+    print(
+        f"  ratio {ours} / {theirs}: {r[ours][0] / r[theirs][0]:.2f}x wall, "
+        f"{r[ours][1] / r[theirs][1]:.2f}x CPU"
+        + (f"; training memory {mem[ours]['train_mb'] / mem[theirs]['train_mb']:.2f}x" if mem else "")
+    )
 
 
 if __name__ == "__main__":

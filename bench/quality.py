@@ -7,17 +7,23 @@ process and one after another, for the same wall-clock budget that the quickstar
 - lmforge: `train()` with the quickstart's own plan (its run's config.yaml: model, optimizer, batch,
   learning rate, warmup-stable-decay schedule, bf16 autocast where `--dtype auto` picks it, the length
   fitted to the deadline as it goes, evaluations and saves inside the budget);
-- lmforge, the previous plan: what the planner chose before it knew the data and before Muon (the
-  depth the compute rule alone gives, depth 1 on a CPU, AdamW), planned by today's `plan()` with those
-  two changes undone, on the same data;
-- transformers, lmforge's recipe: `LlamaForCausalLM` with the same config as the quickstart's plan and
-  the same initial weights (lmforge's init, saved and loaded by transformers), the same token batches in
-  the same order (lmforge's loader over the quickstart's shards), `torch.optim.AdamW` (the optimizer of
-  transformers' Trainer) with the same batch, learning rate, betas, weight decay, warmup-stable-decay
-  schedule, gradient clipping and autocast, in the loop a user writes (forward, cross-entropy,
-  backward, clip, step);
-- transformers, its defaults: the same, but the optimizer and schedule of `TrainingArguments`' defaults
-  (lr 5e-5, linear decay to 0, no warmup, no weight decay, betas 0.9/0.999).
+- lmforge, the previous plan: what the planner chose before it knew the data and before its recipe
+  (the depth the compute rule alone gives, depth 1 on a CPU, AdamW with one learning rate decaying to a
+  tenth, an untied head), planned by today's `plan()` with those changes undone, on the same data;
+- transformers, lmforge's recipe: `LlamaForCausalLM` with the quickstart's plan's shape and the same
+  initial weights (lmforge's init, saved and loaded by transformers; the plan is a Qwen3, i.e. Llama
+  with QK-norm, so the Llama gets every weight but the QK-norm gains), the same token batches in the
+  same order (lmforge's loader over the quickstart's shards), `torch.optim.AdamW` with the parameter
+  groups of transformers' Trainer (no weight decay on biases and norms) plus lmforge's embedding group
+  (no decay, 3x the learning rate), and the same batch, learning rate, betas, weight decay,
+  warmup-stable-decay schedule to zero, gradient clipping and autocast, in the loop a user writes
+  (forward, cross-entropy, backward, clip, step);
+- transformers, the same model: as the last, but the class of the plan's own family
+  (`Qwen3ForCausalLM`) with exactly lmforge's initial weights, so only the optimizer and the loop differ
+  (when the plan is a Llama this row is the last one and is not run twice);
+- transformers, its defaults: `LlamaForCausalLM` as above, but the optimizer and schedule of
+  `TrainingArguments`' defaults (lr 5e-5, linear decay to 0, no warmup, no weight decay, betas
+  0.9/0.999).
 
 The transformers loops fit their length to the budget the way a user would: they time their first
 steps and then plan the steps that fit; they stop at the deadline in any case. Their final evaluation
@@ -28,9 +34,10 @@ validation split (python-docs' is the yardstick; the prepared split for another 
 quickstart's own model is scored too, as it came out of the quickstart (trained earlier, under whatever
 load there was).
 
-So "lmforge vs its previous plan" is the planner and the optimizer, "lmforge vs transformers,
-lmforge's recipe" the optimizer and the implementation's speed (more steps in the same time), and
-"transformers, lmforge's recipe vs its defaults" the learning rate and schedule.
+So "lmforge vs its previous plan" is the planner and the recipe, "lmforge vs transformers' same model"
+the optimizer (Muon, the embedding's learning rate) and the implementation's speed (more steps in the
+same time), "vs LlamaForCausalLM" that and QK-norm, and "transformers, lmforge's recipe vs its
+defaults" the learning rate and schedule.
 
     python bench/quality.py [RUN] [--threads 1] [--budget SECONDS] [--quick]
 
@@ -60,6 +67,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from lmforge.config import HF_ARCHITECTURE  # noqa: E402
 from lmforge.train.config import RunConfig, load_config  # noqa: E402
 
 
@@ -77,7 +85,8 @@ def quickstart_run(run: Path, minutes: float | None) -> None:
 
 
 def quick_run(root: Path) -> tuple[RunConfig, Path, Path]:
-    """A few-second setup: 512-token BPE and shards from 300 python-docs documents, a depth-2 plan."""
+    """A few-second setup: 512-token BPE and shards from 300 python-docs documents, a depth-2 plan of
+    the quickstart's family and recipe (Qwen3, tied embeddings; the Llama rows then drop QK-norm)."""
     from lmforge.data.prepare import prepare
     from lmforge.data.tokenize_corpus import train_tokenizer_on
     from lmforge.train.budget import shape
@@ -85,13 +94,15 @@ def quick_run(root: Path) -> tuple[RunConfig, Path, Path]:
     tok_dir, data_dir = root / "tokenizer", root / "data"
     train_tokenizer_on("python-docs", 512, tok_dir, max_docs=300, verbose=False)
     prepare("python-docs", tok_dir, data_dir, max_docs=300, workers=1, progress=False, verbose=False)
-    over = {f"model.{k}": v for k, v in shape("llama", 2, 512, 64).items() if k != "vocab_size"}
+    over = {f"model.{k}": v for k, v in shape("qwen3", 2, 512, 64).items() if k != "vocab_size"}
     cfg = load_config(
         None,
         {
             "name": "pretrain",
             "out_dir": str(root),
             "dtype": "auto",
+            "model.family": "qwen3",
+            "model.tie_embeddings": True,
             "data.path": str(data_dir),
             "data.tokenizer": str(tok_dir),
             "data.seq_len": 64,
@@ -101,6 +112,8 @@ def quick_run(root: Path) -> tuple[RunConfig, Path, Path]:
             "train.warmup_steps": 2,
             "train.schedule": "wsd",
             "train.optimizer": "muon",  # as a --time-budget plan's auto
+            "train.muon_lr_scale": 2.0,
+            "train.embedding_lr_scale": 3.0,
             "train.max_time": 3.0,
             "train.fit_time": True,
             "eval.every": 0,
@@ -134,7 +147,8 @@ def lmforge_row(cfg: RunConfig, out: Path, name: str = "lmforge") -> dict:
 
 def previous_plan(cfg: RunConfig) -> RunConfig:
     """The plan the quickstart made before it weighed the data and trained with Muon: today's `plan()`
-    with the epoch rule off, batches for 1000 steps and AdamW, from the quickstart's unplanned settings."""
+    with the epoch rule off, batches for 1000 steps, an untied head and AdamW, from the quickstart's
+    unplanned settings."""
     from lmforge.train import budget
     from lmforge.train.data import make_data
     from lmforge.train.distributed import Dist
@@ -143,29 +157,55 @@ def previous_plan(cfg: RunConfig) -> RunConfig:
     c = copy.deepcopy(cfg)
     c.time_budget = f"{cfg.train.max_time:.0f}s"
     c.model.overrides = {}
+    c.model.family = "llama"  # the quickstart's family before QK-norm
     c.train = dataclasses.replace(
         RunConfig().train, batch_size=cfg.train.batch_size, optimizer="adamw", max_time=None, fit_time=False
     )
     c.eval.batches = RunConfig().eval.batches
-    saved = budget.MAX_EPOCHS, budget.MIN_STEPS
-    budget.MAX_EPOCHS, budget.MIN_STEPS = float("inf"), 1000  # no epoch rule; batches for 1000 steps
+    names = "MAX_EPOCHS", "MIN_STEPS", "TIE_EMBEDDINGS", "EMBEDDING_LR_SCALE", "MUON_LR_SCALE", "MIN_LR_RATIO"
+    saved = [getattr(budget, k) for k in names]
+    # no epoch rule, batches for 1000 steps, an untied head, one learning rate decaying to a tenth
+    for k, v in zip(names, (float("inf"), 1000, False, 1.0, 1.0, 0.1)):
+        setattr(budget, k, v)
     try:
         planned, lines = budget.plan(
             c, make_data(c), Dist(), compute_dtype(c.dtype, torch.device("cpu")), time.time()
         )
     finally:
-        budget.MAX_EPOCHS, budget.MIN_STEPS = saved
+        for k, v in zip(names, saved):
+            setattr(budget, k, v)
     print("previous plan:", *(x.strip() for x in lines[:4]), sep="\n  ")
     planned.train = dataclasses.replace(planned.train, max_time=cfg.train.max_time, fit_time=True)
     return planned
 
 
-def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: Path, out: Path) -> dict:
-    """An ordinary PyTorch loop around transformers' LlamaForCausalLM, for `budget` seconds of wall clock.
+def as_llama(init_dir: Path, out: Path) -> Path:
+    """The initial weights as a Llama: the same tensors without what Llama has no place for (Qwen3's
+    QK-norm gains); the directory itself when it is a Llama already."""
+    from lmforge.checkpoint import load_model, save_model
+    from lmforge.model import build
 
-    recipe "lmforge": the plan's AdamW settings and warmup-stable-decay schedule; "defaults": those of
+    model = load_model(init_dir, dtype=torch.float32)
+    c = model.config
+    if c.family == "llama":
+        return init_dir
+    llama = build(c.replace(family="llama", qk_norm=None))
+    missing, _ = llama.load_state_dict(model.state_dict(), strict=False)
+    assert not [k for k in missing if "rope" not in k], missing  # every Llama weight comes from the init
+    save_model(llama, out)
+    return out
+
+
+def hf_row(
+    cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: Path, out: Path, arch: str = "llama"
+) -> dict:
+    """An ordinary PyTorch loop around a transformers model, for `budget` seconds of wall clock: arch
+    "llama" is LlamaForCausalLM, "same" the class of the plan's own family (its config.json).
+
+    recipe "lmforge": the plan's AdamW settings (its embedding's rate included) and warmup-stable-decay
+    schedule; "defaults": those of
     transformers' TrainingArguments (linear decay)."""
-    from transformers import LlamaForCausalLM, TrainingArguments
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 
     from lmforge.data.loader import TokenLoader
     from lmforge.train.optim import lr_at
@@ -174,7 +214,8 @@ def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: 
     t_start, c0 = time.perf_counter(), time.process_time()
     deadline = t_start + budget
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa")
+    cls = LlamaForCausalLM if arch == "llama" else AutoModelForCausalLM
+    model = cls.from_pretrained(init_dir, dtype=torch.float32, attn_implementation="sdpa")
     model.train()
     t = cfg.train
     B, T = t.batch_size, cfg.data.seq_len
@@ -192,7 +233,20 @@ def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: 
         )
         clip = d["max_grad_norm"]
     peak = hp["lr"]
-    opt = torch.optim.AdamW(model.parameters(), fused=True, **hp)
+    # the parameter groups of Trainer.create_optimizer: no weight decay on biases and norms; lmforge's
+    # recipe adds its embedding group (no decay, train.embedding_lr_scale times the rate; a tied head
+    # is the same tensor)
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # (it does not use `self`)
+    emb = model.get_input_embeddings().weight if recipe == "lmforge" else None
+    named = [(n, p) for n, p in model.named_parameters() if p is not emb]
+    wd = hp.pop("weight_decay")
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": wd},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    if emb is not None:
+        groups.append({"params": [emb], "weight_decay": 0.0, "lr_scale": t.embedding_lr_scale})
+    opt = torch.optim.AdamW(groups, fused=True, **hp)
     loader = TokenLoader(cfg.data.path, "train", B, T, seed=cfg.seed)
     bf16 = compute_dtype(cfg.dtype, torch.device("cpu")) == torch.bfloat16
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else nullcontext
@@ -207,7 +261,7 @@ def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: 
     step, t_probe = 0, None
     while step < total:
         for g in opt.param_groups:
-            g["lr"] = lr(step, total)
+            g["lr"] = lr(step, total) * g.get("lr_scale", 1.0)
         for _ in range(accum):
             x, y = next(loader)
             with ctx():
@@ -228,7 +282,7 @@ def hf_row(cfg: RunConfig, recipe: str, budget: float, init_dir: Path, tok_dir: 
         elif t_probe is not None and step > probe and now + (now - t_probe) / (step - 1) > deadline:
             break  # the next step would end after the deadline
     seconds, cpu = time.perf_counter() - t_start, time.process_time() - c0
-    path = out / f"transformers-{recipe}"
+    path = out / f"transformers-{arch}-{recipe}"
     model.save_pretrained(path)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / f, path / f)
@@ -312,6 +366,8 @@ def main() -> None:
     init_dir = work / "init"
     save_model(init, init_dir)
     del init
+    llama_dir = as_llama(init_dir, work / "init-llama")
+    same = HF_ARCHITECTURE[mc.family]
 
     # one-time costs that would land in the first contestant's budget: the first AdamW imports
     # torch._dynamo (seconds), the first transformers model imports its modelling code
@@ -340,14 +396,23 @@ def main() -> None:
             lambda: lmforge_row(prev, work, "previous"),
         ),
         (
-            "transformers LlamaForCausalLM, lmforge's recipe",
-            lambda: hf_row(cfg, "lmforge", budget, init_dir, tok_dir, work),
+            "transformers LlamaForCausalLM, lmforge's recipe"
+            + (f" (the plan's {same} without what Llama lacks)" if llama_dir != init_dir else ""),
+            lambda: hf_row(cfg, "lmforge", budget, llama_dir, tok_dir, work),
         ),
         (
             "transformers LlamaForCausalLM, TrainingArguments defaults",
-            lambda: hf_row(cfg, "defaults", budget, init_dir, tok_dir, work),
+            lambda: hf_row(cfg, "defaults", budget, llama_dir, tok_dir, work),
         ),
     ]
+    if llama_dir != init_dir:  # the plan's own architecture in transformers too: the optimizer alone
+        contestants.insert(
+            3,
+            (
+                f"transformers {same} (the same model), lmforge's recipe",
+                lambda: hf_row(cfg, "lmforge", budget, init_dir, tok_dir, work, arch="same"),
+            ),
+        )
     for name, fn in contestants:
         load = os.getloadavg()[0]
         r = fn()

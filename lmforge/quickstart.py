@@ -6,7 +6,8 @@ a finished stage (its output is there) unless `--fresh` is given.
 
     1 tokenizer  <out>/tokenizer/      byte-level BPE trained on the corpus (train split)
     2 data       <out>/data/           token shards with a validation split
-    3 pretrain   <out>/final/          a Llama sized for the time budget (lmforge pretrain --time-budget)
+    3 pretrain   <out>/final/          a Qwen3-style model (Llama with QK-norm) sized for the time budget
+                                       (lmforge pretrain --time-budget)
     4 evaluate                         bits-per-byte and perplexity on each validation split; three samples
     5 quantize   <out>/int8/           weight-only int8, evaluated too
     6 export     <out>/export/         ONNX (checked in onnxruntime) and GGUF (llama.cpp)
@@ -133,7 +134,9 @@ def quickstart(
                     if steps is None
                     else {"model.size": "debug", "train.max_steps": steps, "eval.batches": 2}
                 ),
-                "model.family": "llama",
+                # Qwen3: Llama with each head's queries and keys RMS-normed (QK-norm), which trains a
+                # budget's model better (docs/training.md); every exporter and llama.cpp read it
+                "model.family": "qwen3",
                 "data.path": str(data_dir),
                 "data.tokenizer": str(tok_dir),
                 "data.seq_len": seq_len,
@@ -169,9 +172,9 @@ def quickstart(
         "pretrain",
         [final / "model.safetensors"],
         pretrain_stage,
-        title=f"pretraining a Llama for about {minutes:g} minutes (sized by lmforge pretrain --time-budget)"
+        title=f"pretraining a Qwen3 for about {minutes:g} minutes (sized by lmforge pretrain --time-budget)"
         if steps is None
-        else f"pretraining the debug-size Llama for {steps} steps",
+        else f"pretraining the debug-size Qwen3 for {steps} steps",
     )
 
     def evaluate_stage(path, name):

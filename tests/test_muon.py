@@ -111,11 +111,12 @@ def test_optimizer_settings_come_from_train_section():
         3e-3,
     )
     assert [(g["weight_decay"], g["betas"], g["fused"]) for g in adamw.param_groups] == [
-        (0.05, (0.9, 0.99), True),
-        (0.0, (0.9, 0.99), True),
+        (0.05, (0.9, 0.99), True),  # the output head
+        (0.0, (0.9, 0.99), True),  # norms
+        (0.0, (0.9, 0.99), True),  # the embedding
     ]
     set_lr(opt, 1e-4)  # the schedule reaches every group of both
-    assert {g["lr"] for g in opt.param_groups} == {1e-4} and len(opt.param_groups) == 3
+    assert {g["lr"] for g in opt.param_groups} == {1e-4} and len(opt.param_groups) == 4
     # adamw (the default) is the plain torch AdamW it always was
     assert type(build_optimizer(model, TrainSection(), CPU)) is torch.optim.AdamW
 
@@ -130,11 +131,12 @@ def test_hidden_matrices_go_to_muon_the_rest_to_adamw():
     assert adamw == {"tok_emb.weight", "lm_head.weight", "norm.weight"} | {
         f"blocks.{i}.{n}_norm.weight" for i in range(2) for n in ("attn", "mlp")
     }
-    # AdamW keeps its groups: the output head decays, embeddings and norms do not
-    decay, no_decay = opt.optimizers[1].param_groups
+    # AdamW keeps its groups: the output head decays, norms and the embedding (its own group) do not
+    decay, no_decay, embedding = opt.optimizers[1].param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == {"lm_head.weight"}
-    assert "tok_emb.weight" in {names[id(p)] for p in no_decay["params"]}
+    assert {names[id(p)] for p in embedding["params"]} == {"tok_emb.weight"}
+    assert no_decay["weight_decay"] == embedding["weight_decay"] == 0.0
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma", "mixtral"])
@@ -214,6 +216,12 @@ def test_muon_resume_is_exact(corpus, tmp_path):  # noqa: F811
     adamw.train.optimizer = "adamw"
     with pytest.raises(UserError, match="trained with --train.optimizer muon, this run uses adamw"):
         train(adamw)
+    # nor a run whose parameter groups differ (the embedding frozen: its group is gone), whose
+    # settings would be matched to the wrong groups by position
+    frozen = make_config(corpus, tmp_path, "d", resume=str(tmp_path / "a/checkpoints/step_000004"), **over)
+    frozen.train.freeze_embeddings = True
+    with pytest.raises(UserError, match="optimizer has 4 parameter groups and this run's 3"):
+        train(frozen)
 
 
 def test_muon_learns_and_differs_from_adamw(corpus, tmp_path):  # noqa: F811

@@ -24,7 +24,7 @@ from lmforge.train.config import (
     load_config,
     overrides_from_args,
 )
-from lmforge.train.optim import lr_at, param_groups
+from lmforge.train.optim import build_optimizer, lr_at, param_groups, set_lr
 from lmforge.utils import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -173,14 +173,25 @@ def test_schedules(schedule):
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     model = build(preset("gpt2", "debug"))  # biases, LayerNorms, tied and learned-position embeddings
-    decay, no_decay = param_groups(model, 0.1)
+    t = TrainSection(weight_decay=0.1, embedding_lr_scale=8.0)
+    decay, no_decay, emb = param_groups(model, t)
     names = {id(p): n for n, p in model.named_parameters()}
-    dn = {names[id(p)] for p in decay["params"]}
-    nn_ = {names[id(p)] for p in no_decay["params"]}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    dn, nn_, en = ({names[id(p)] for p in g["params"]} for g in (decay, no_decay, emb))
+    assert (decay["weight_decay"], no_decay["weight_decay"], emb["weight_decay"]) == (0.1, 0.0, 0.0)
     assert all(n.endswith("weight") and ("attn." in n or "mlp." in n) for n in dn)
-    assert {"tok_emb.weight", "pos_emb.weight", "blocks.0.attn_norm.weight", "blocks.0.attn.wqkv.bias"} <= nn_
-    assert len(dn) + len(nn_) == len(names)  # every trainable tensor once (tied lm_head is tok_emb)
+    assert {"blocks.0.attn_norm.weight", "blocks.0.attn.wqkv.bias"} <= nn_
+    assert en == {"tok_emb.weight", "pos_emb.weight"} and emb["lr_scale"] == 8.0
+    assert len(dn) + len(nn_) + len(en) == len(names)  # every trainable tensor once (tied lm_head is tok_emb)
+    # set_lr applies each group's scale to the schedule's rate, Muon's included
+    model = build(preset("llama", "debug", tie_embeddings=False))
+    t = TrainSection(optimizer="muon", embedding_lr_scale=4.0, muon_lr_scale=2.0)
+    opt = build_optimizer(model, t, torch.device("cpu"))
+    set_lr(opt, 1e-3)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["tok_emb.weight"])] == pytest.approx(4e-3)
+    assert lr_of[id(named["blocks.0.attn.wo.weight"])] == pytest.approx(2e-3)  # Muon
+    assert lr_of[id(named["lm_head.weight"])] == lr_of[id(named["norm.weight"])] == pytest.approx(1e-3)
 
 
 def test_checkpoint_state_packs_without_pickle():
@@ -250,6 +261,15 @@ def test_budget_plan_is_compute_optimal_on_a_simulated_machine():
     assert out.time_budget is None and out.train.max_time == 3600
     assert math.isclose(out.train.lr, float(f"{min(3e-3, 6e-4 * 768 / mc.d_model):.2g}"))
     assert any("chosen: llama depth" in x for x in lines)
+    # the budget's recipe: a tied head with a faster embedding, unless the user asked for an untied one
+    from lmforge.train.budget import EMBEDDING_LR_SCALE, MIN_LR_RATIO, MUON_LR_SCALE
+
+    assert mc.tie_embeddings and out.train.embedding_lr_scale == EMBEDDING_LR_SCALE > 1
+    assert out.train.muon_lr_scale == MUON_LR_SCALE > 1
+    assert out.train.min_lr_ratio == MIN_LR_RATIO and out.train.schedule == "wsd"
+    cfg.model.overrides["tie_embeddings"] = False
+    untied, _ = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=fake_measure)
+    assert untied.model.overrides["tie_embeddings"] is False
 
 
 def test_budget_plan_grows_the_model_instead_of_repeating_data():

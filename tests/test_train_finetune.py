@@ -170,3 +170,47 @@ def test_lora_layer_gradients_equal_autograd_of_the_formula(bias, dropout):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
     assert m.weight.grad is None  # the base stays frozen
+
+
+def test_lora_base_kept_in_bf16_trains_bit_identically_under_autocast():
+    """freeze_base_dtype (what a bf16 LoRA run does): the frozen weights cast once to bf16 give the same
+    loss and adapter gradients, bit for bit, as autocast casting the fp32 base at every use; outside
+    autocast the model still runs, in fp32 over the bf16-rounded base."""
+    from lmforge.config import preset
+    from lmforge.model import build
+    from lmforge.train.lora import freeze_base_dtype
+
+    def adapted():
+        torch.manual_seed(0)
+        m = build(preset("llama", "debug", tie_embeddings=False))
+        m.init_weights(0)
+        apply_lora(m, rank=4, alpha=8.0, targets=["all"])
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+        return m
+
+    ref, fast = adapted(), adapted()
+    n_layers = fast.config.n_layers
+    assert freeze_base_dtype(fast, torch.bfloat16) == 4 * n_layers  # wqkv, wo, w_in, w_out per block
+    assert fast.blocks[0].attn.wqkv.weight.dtype == torch.bfloat16
+    assert (
+        fast.blocks[0].attn.wqkv.lora_A.dtype == torch.float32 and fast.tok_emb.weight.dtype == torch.float32
+    )
+    x = torch.randint(0, fast.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    out = []
+    for m in (ref, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(x[:, :-1], x[:, 1:])
+        grads = torch.autograd.grad(loss, [p for n, p in m.named_parameters() if p.requires_grad])
+        out.append((loss, grads))
+    assert torch.equal(out[0][0], out[1][0])
+    assert len(out[1][1]) == 2 * 4 * n_layers and all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    # outside autocast: fp32 compute over the rounded base, as the fp32 model with those weights
+    rounded = adapted()
+    with torch.no_grad():
+        for mod in rounded.modules():
+            if isinstance(mod, LoRALinear):
+                mod.weight.copy_(mod.weight.to(torch.bfloat16).float())
+        torch.testing.assert_close(fast(x), rounded(x), atol=1e-5, rtol=0)

@@ -89,6 +89,10 @@ class TrainSection:
     """auto (muon for a new model sized by --time-budget, where it measured best; adamw otherwise), adamw, or muon: torch.optim.Muon (orthogonalised momentum) for the blocks' 2-D weight matrices and AdamW for the rest (embeddings, output head, norms, biases, LoRA's A and B); lr, weight decay and schedule carry over (match_rms_adamw). Not with --parallel fsdp"""
     muon_momentum: float = 0.95
     """muon: momentum of the Muon matrices (Nesterov)"""
+    muon_lr_scale: float = 1.0
+    """muon: the Muon matrices' learning rate as a multiple of train.lr (schedule included)"""
+    embedding_lr_scale: float = 1.0
+    """the token (and position) embeddings' learning rate as a multiple of train.lr (schedule included)"""
     grad_clip: float = 1.0
     """clip the global gradient norm to this (0 = no clipping)"""
     freeze_embeddings: bool = False
@@ -309,6 +313,8 @@ RULES: dict[str, Range | tuple[str, ...]] = {
     "train.eps": POSITIVE,
     "train.optimizer": ("auto", "adamw", "muon"),
     "train.muon_momentum": OPEN_FRACTION,
+    "train.muon_lr_scale": POSITIVE,
+    "train.embedding_lr_scale": POSITIVE,
     "train.grad_clip": NON_NEGATIVE,
     "train.max_time": POSITIVE,
     "eval.every": NON_NEGATIVE,

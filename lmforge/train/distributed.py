@@ -244,3 +244,13 @@ def _check_same_optimizer(optimizer, state: dict) -> None:
             f"resume with --train.optimizer {kind[theirs]}, or start a new run from its weights with "
             "--model.init_from CHECKPOINT_DIR"
         )
+    # the groups (decay, no decay, embeddings at their own rate) are matched by position: a checkpoint
+    # of an lmforge that grouped the parameters differently would mix their settings up
+    n_ours = sum(len(o.param_groups) for o in (optims if isinstance(optims, tuple) else [optims]))
+    n_theirs = len(state.get("param_groups", []))
+    if n_theirs != n_ours:
+        raise UserError(
+            f"the checkpoint's optimizer has {n_theirs} parameter groups and this run's {n_ours} (it was "
+            "written by another lmforge version, or with other frozen parameters): start a new run from "
+            "its weights with --model.init_from CHECKPOINT_DIR"
+        )

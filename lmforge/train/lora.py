@@ -86,7 +86,9 @@ class LoRALinear(nn.Module):
             and (self.bias is None or not self.bias.requires_grad)
         ):  # training: one autograd node with in-place accumulation (see _LoRAMatmul)
             return _LoRAMatmul.apply(x, xd, w, self.bias, A, B, self.scale)
-        y = F.linear(x, w, self.bias)  # (..., out)
+        if w.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            w = w.to(x.dtype)  # a base kept in bf16 (freeze_base_dtype) run outside autocast
+        y = F.linear(x, w, self.bias if self.bias is None else self.bias.to(w.dtype))  # (..., out)
         a = F.linear(xd, A.to(x.dtype))  # (..., r)
         # scale folded into the small (r) side and added in place: no (..., out) temporary for B a * s
         return y.add_(F.linear(a * self.scale, B.to(x.dtype)))
@@ -181,6 +183,27 @@ def apply_lora(
         )
     model.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": targets}
     return model
+
+
+def freeze_base_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen base weights of the LoRA layers in `dtype`, for a run under `dtype` autocast.
+
+    Autocast casts a frozen fp32 weight anew at every use (it caches casts of trainable leaves only), so
+    casting once runs the same bf16 matmuls, bit for bit, without casting the adapted layers' weights at
+    every step, and halves their memory. Other layers (embeddings, norms, layers without an adapter)
+    keep fp32, so code that runs the model outside autocast (sample generation) still works: a LoRA
+    layer casts its base back to the input's dtype there. The adapter stays fp32. A quantized base
+    (QLoRA) has its own kernels and is left as it is. Returns the number of tensors cast."""
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, LoRALinear) or m.base is not None:
+            continue
+        for name in ("weight", "bias"):
+            p = getattr(m, name)
+            if p is not None and not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                setattr(m, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+                n += 1
+    return n
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -15,6 +15,10 @@ does not orthogonalise B A, and LoRA learning rates are tuned for AdamW). `adjus
 which gives it AdamW's typical update RMS (~0.2 lr), so --train.lr, --train.weight_decay and the
 schedule carry over from AdamW unchanged. The two torch optimizers are stepped as one (`Optimizers`).
 
+Groups may run at a multiple of the schedule's rate (`lr_scale`, applied by set_lr): the Muon matrices
+(--train.muon_lr_scale) and the embeddings (--train.embedding_lr_scale; a tied head is the embedding).
+A --time-budget plan sets them (budget.py).
+
 The schedule is a pure function of the step (`lr_at`), so "scheduler state" is just the step number:
 a resumed run computes exactly the same learning rates.
 """
@@ -41,22 +45,31 @@ def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
     return p.ndim == 2 and bool(_IN_BLOCK.search(name)) and "lora_" not in name
 
 
-def param_groups(model: nn.Module, weight_decay: float, skip: frozenset[int] = frozenset()) -> list[dict]:
-    """Two AdamW groups over the trainable parameters: 2-D+ weights of linear layers decay, the rest not.
-    `skip`: ids of parameters another optimizer (Muon) updates."""
-    decay, no_decay, seen = [], [], set(skip)
+def param_groups(model: nn.Module, t: TrainSection, skip: frozenset[int] = frozenset()) -> list[dict]:
+    """AdamW groups over the trainable parameters: 2-D+ weights of linear layers decay, norms, biases and
+    embeddings not; the embeddings have their own learning-rate scale (`lr_scale`, which set_lr
+    applies). `skip`: ids of parameters another optimizer (Muon) updates."""
+    groups = {
+        k: {"params": [], "weight_decay": wd, "lr": t.lr * s, "lr_scale": s}
+        for k, wd, s in (
+            ("decay", t.weight_decay, 1.0),
+            ("no_decay", 0.0, 1.0),
+            ("embedding", 0.0, t.embedding_lr_scale),
+        )
+    }
+    seen = set(skip)
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
         # a tied lm_head is the same tensor as tok_emb and is listed once, as tok_emb
-        embedding = "tok_emb." in name or "pos_emb." in name
-        if p.ndim < 2 or "norm" in name or embedding:
-            no_decay.append(p)
+        if "tok_emb." in name or "pos_emb." in name:
+            groups["embedding"]["params"].append(p)
+        elif p.ndim < 2 or "norm" in name:
+            groups["no_decay"]["params"].append(p)
         else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+            groups["decay"]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
 
 
 def muon_params(model: nn.Module) -> list[nn.Parameter]:
@@ -117,7 +130,7 @@ def build_optimizer(model: nn.Module, t: TrainSection, device: torch.device, sha
             "whole matrix; torch.optim.Muon on DTensor shards is not exact): use --parallel ddp, or "
             "--train.optimizer adamw with --parallel fsdp"
         )
-    groups = param_groups(model, t.weight_decay, skip=frozenset(id(p) for p in hidden))
+    groups = param_groups(model, t, skip=frozenset(id(p) for p in hidden))
     if not groups and not hidden:
         raise ValueError(
             "no trainable parameters: everything is frozen (check train.freeze_embeddings / lora)"
@@ -132,12 +145,14 @@ def build_optimizer(model: nn.Module, t: TrainSection, device: torch.device, sha
         return adamw
     muon = torch.optim.Muon(
         hidden,
-        lr=t.lr,
+        lr=t.lr * t.muon_lr_scale,
         weight_decay=t.weight_decay,  # decoupled, lr * wd as AdamW's
         momentum=t.muon_momentum,
         nesterov=True,
         adjust_lr_fn="match_rms_adamw",  # update RMS ~0.2 lr, as AdamW's: train.lr carries over
     )
+    for g in muon.param_groups:
+        g["lr_scale"] = t.muon_lr_scale  # set_lr applies it
     return Optimizers(muon, *([adamw] if adamw is not None else []))
 
 
@@ -183,5 +198,6 @@ def decay_start(total: int, t: TrainSection) -> int:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's rate, times each group's `lr_scale` (embeddings, head)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)

@@ -168,6 +168,8 @@ class Trainer:
             model.init_weights(cfg.seed)  # same weights on every rank (FSDP shards what each rank built)
         if cfg.lora.rank:
             L.apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
+            if self.dtype == torch.bfloat16 and self.d.parallel != "fsdp":  # FSDP2 shards one dtype
+                L.freeze_base_dtype(model, torch.bfloat16)  # the same bf16 matmuls, cast once
         if cfg.train.freeze_embeddings:
             _freeze_embeddings(model)
         model.activation_checkpointing = cfg.train.activation_checkpointing
