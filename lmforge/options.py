@@ -252,7 +252,7 @@ def add_field(group, flags, dest, tp, doc, default, show_default=True) -> None:
     overrides the YAML file), the value a string that `coerce` converts; a bool takes an optional value."""
     kw = dict(dest=dest, default=argparse.SUPPRESS, help=with_default(doc, default, show_default))
     kw["metavar"] = metavar(tp)
-    if tp is bool:
+    if _plain(tp) is bool:  # (bool | None: none means "decided for you")
         kw.update(nargs="?", const="true")
     group.add_argument(*flags, **kw)
 

@@ -266,10 +266,17 @@ def test_budget_plan_is_compute_optimal_on_a_simulated_machine():
 
     assert mc.tie_embeddings and out.train.embedding_lr_scale == EMBEDDING_LR_SCALE > 1
     assert out.train.muon_lr_scale == MUON_LR_SCALE > 1
+    assert any(", tied embeddings, warmup-stable-decay" in x for x in lines)
     assert out.train.min_lr_ratio == MIN_LR_RATIO and out.train.schedule == "wsd"
+    # an hour's budget compiles where a compiler is found; a user's choice stands either way
+    from lmforge.train.budget import can_compile
+
+    assert cfg.train.compile is None and out.train.compile is can_compile(torch.device("cpu"))
     cfg.model.overrides["tie_embeddings"] = False
-    untied, _ = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=fake_measure)
-    assert untied.model.overrides["tie_embeddings"] is False
+    cfg.train.compile = False
+    untied, lines = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=fake_measure)
+    assert untied.model.overrides["tie_embeddings"] is False and untied.train.compile is False
+    assert any("untied embeddings" in x for x in lines)
 
 
 def test_budget_plan_grows_the_model_instead_of_repeating_data():

@@ -117,6 +117,7 @@ def test_time_budget_run_finishes_in_time(corpus, tmp_path, one_thread, capsys):
 
     saved = read_yaml(tmp_path / "budget/config.yaml")
     assert saved["time_budget"] is None and saved["train"]["tokens"] > 0 and saved["model"]["n_layers"] >= 1
+    assert saved["train"]["compile"] is False  # too short a budget to pay for a compile
     # the plan as it ended: its length fitted to the deadline, which --resume auto continues
     assert (
         saved["train"]["fit_time"]
