@@ -9,7 +9,7 @@ process and one after another, for the same wall-clock budget that the quickstar
   fitted to the deadline as it goes, evaluations and saves inside the budget);
 - lmforge, the previous plan: what the planner chose before it knew the data and before its recipe
   (the depth the compute rule alone gives, depth 1 on a CPU, AdamW with one learning rate decaying to a
-  tenth, an untied head), planned by today's `plan()` with those changes undone, on the same data;
+  tenth, an untied head, eager), planned by today's `plan()` with those changes undone, on the same data;
 - transformers, lmforge's recipe: `LlamaForCausalLM` with the quickstart's plan's shape and the same
   initial weights (lmforge's init, saved and loaded by transformers; the plan is a Qwen3, i.e. Llama
   with QK-norm, so the Llama gets every weight but the QK-norm gains), the same token batches in the
@@ -159,7 +159,12 @@ def previous_plan(cfg: RunConfig) -> RunConfig:
     c.model.overrides = {}
     c.model.family = "llama"  # the quickstart's family before QK-norm
     c.train = dataclasses.replace(
-        RunConfig().train, batch_size=cfg.train.batch_size, optimizer="adamw", max_time=None, fit_time=False
+        RunConfig().train,
+        batch_size=cfg.train.batch_size,
+        optimizer="adamw",
+        compile=False,  # eager, as it was
+        max_time=None,
+        fit_time=False,
     )
     c.eval.batches = RunConfig().eval.batches
     names = "MAX_EPOCHS", "MIN_STEPS", "TIE_EMBEDDINGS", "EMBEDDING_LR_SCALE", "MUON_LR_SCALE", "MIN_LR_RATIO"
