@@ -404,3 +404,21 @@ def test_budget_plan_measures_larger_models_where_they_run_faster():
         return 5e12 / mc.flops_per_token(seq_len)
 
     assert plan_with(saturating) == plan_with(full) > 1
+
+
+def test_progress_eta_comes_from_the_pace_since_the_previous_line(tmp_path, monkeypatch, capsys):
+    """A compile (or a slow start) in the first steps does not linger in the eta: 10 steps in 30 s,
+    then 10 in 1 s, of 100 -> 4m30s, then 8 s (not the 2m-odd an average since the start would give)."""
+    from lmforge.train import metrics
+
+    clock = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: clock[0])
+    m = metrics.Metrics(
+        tmp_path, total_steps=100, start_step=0, enabled=True, progress=False, tensorboard=False
+    )
+    m.lines = True
+    for t, step in ((30.0, 10), (31.0, 20)):
+        clock[0] = t
+        m.log({"step": step, "loss": 1.0, "lr": 1e-3, "tok_per_s": 100.0})
+    err = capsys.readouterr().err.splitlines()
+    assert err[-2].endswith("| eta 4m30s") and err[-1].endswith("| eta 8s"), err

@@ -104,6 +104,7 @@ class Metrics:
         self.notes: list[str] = []
         self.lines = False  # progress as plain lines (stderr is not a terminal: a log file, CI)
         self.t0, self.start_step = time.perf_counter(), start_step
+        self._since = (self.t0, start_step)  # (time, step) the eta's pace is measured from
         self.last_plot = self.t0
         if not enabled:
             return
@@ -164,8 +165,10 @@ class Metrics:
             if self.bar is not None:
                 self.bar.set_postfix_str(" | ".join(parts), refresh=False)
             else:
-                done = rec["step"] - self.start_step
-                eta = (self.total - rec["step"]) * (time.perf_counter() - self.t0) / max(done, 1)
+                # the pace since the previous line: a compile or a slow start does not linger in it
+                now, (t_prev, s_prev) = time.perf_counter(), self._since
+                eta = (self.total - rec["step"]) * (now - t_prev) / max(rec["step"] - s_prev, 1)
+                self._since = (now, rec["step"])
                 print(
                     f"step {rec['step']}/{self.total} | "
                     + " | ".join(parts)
