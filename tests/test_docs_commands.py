@@ -197,7 +197,10 @@ EXPECT: dict[str, tuple[str, ...]] = {
     ".venv/bin/python bench/serve_load.py": (r"re:\| 1 \|",),
     ".venv/bin/python bench/serve_load.py --features": (r"re:\| TTFT, \d+-token shared system prompt",),
     ".venv/bin/python bench/train.py": (r"re:\| lmforge \| fp32",),
-    ".venv/bin/python bench/quality.py": (r"re:\| transformers LlamaForCausalLM, lmforge's recipe \| \d",),
+    ".venv/bin/python bench/quality.py": (
+        r"re:\| transformers LlamaForCausalLM, lmforge's recipe[^|]* \| \d",
+        r"re:\| transformers Qwen3ForCausalLM \(the same model\), lmforge's recipe \| \d",
+    ),
     ".venv/bin/python bench/decode.py": (r"re:\| fp32 \|",),
     ".venv/bin/python bench/quantize.py": (r"re:\| int4 g64",),
 }
