@@ -422,3 +422,13 @@ def test_progress_eta_comes_from_the_pace_since_the_previous_line(tmp_path, monk
         m.log({"step": step, "loss": 1.0, "lr": 1e-3, "tok_per_s": 100.0})
     err = capsys.readouterr().err.splitlines()
     assert err[-2].endswith("| eta 4m30s") and err[-1].endswith("| eta 8s"), err
+
+
+def test_no_working_cpp_compiler_means_no_compile(monkeypatch):
+    """A CPU plan compiles only where inductor finds a C++ compiler that runs (here: none does)."""
+    import torch._inductor.config
+
+    from lmforge.train.budget import can_compile
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("false",))
+    assert not can_compile(torch.device("cpu")) and can_compile(torch.device("cuda"))

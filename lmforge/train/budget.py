@@ -352,12 +352,19 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
 
 def can_compile(device: torch.device) -> bool:
     """Whether torch.compile can build kernels here: on a CPU its inductor backend writes C++ and needs a
-    compiler (a laptop may have none); CUDA kernels come from Triton."""
+    working compiler (a laptop may have none; inductor's own check runs it); CUDA kernels come from
+    Triton."""
     if device.type == "cuda":
         return True
-    import shutil
+    if device.type != "cpu":
+        return False
+    from torch._inductor.cpp_builder import get_cpp_compiler
 
-    return device.type == "cpu" and any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    try:
+        get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - InvalidCxxCompiler, or whatever an odd toolchain raises
+        return False
+    return True
 
 
 def cfg_budget_text(seconds: float) -> str:
