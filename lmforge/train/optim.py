@@ -198,6 +198,6 @@ def decay_start(total: int, t: TrainSection) -> int:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's rate, times each group's `lr_scale` (embeddings, head)."""
+    """The schedule's rate, times each group's `lr_scale` (the embeddings, Muon's matrices)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
