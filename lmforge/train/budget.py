@@ -64,10 +64,10 @@ TIE_EMBEDDINGS = True  # the output head is the token embedding (measured: 1.480
 # at the quickstart's budget; the embedding rows then learn from every position's output gradient)
 MIN_LR_RATIO = 0.0  # the decay ends at zero (1.453 vs 1.480 ending at a tenth of the peak)
 EMBEDDING_LR_SCALE = 3.0  # the (tied) embedding's learning rate, times train.lr (1.457 vs 1.480; 10x: 1.519)
+MUON_LR_SCALE = 2.0  # Muon's matrices at twice train.lr (1.461 vs 1.480; with the rest: 1.433 vs 1.444)
 COMPILE_MIN_SECONDS = 120  # a budget this long or longer compiles the model (train.compile) when it can:
 # at the quickstart's budget the compile took ~30 s and the steps then ran 1.9x faster (1.373 bits per
 # byte on python-docs against 1.461 eager, 5.36M tokens against 3.74M in the same 5 minutes)
-MUON_LR_SCALE = 2.0  # Muon's matrices at twice train.lr (1.461 vs 1.480; with the rest: 1.433 vs 1.444)
 
 
 def parse_duration(text: str) -> float:

@@ -246,7 +246,7 @@ def _check_same_optimizer(optimizer, state: dict) -> None:
         )
     # the groups (decay, no decay, embeddings at their own rate) are matched by position: a checkpoint
     # of an lmforge that grouped the parameters differently would mix their settings up
-    n_ours = sum(len(o.param_groups) for o in (optims if isinstance(optims, tuple) else [optims]))
+    n_ours = len(optimizer.param_groups)  # (an optim.Optimizers lists those of both)
     n_theirs = len(state.get("param_groups", []))
     if n_theirs != n_ours:
         raise UserError(

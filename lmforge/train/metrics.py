@@ -103,7 +103,7 @@ class Metrics:
         self.bar = self.tb = self.file = None
         self.notes: list[str] = []
         self.lines = False  # progress as plain lines (stderr is not a terminal: a log file, CI)
-        self.t0, self.start_step = time.perf_counter(), start_step
+        self.t0 = time.perf_counter()
         self._since = (self.t0, start_step)  # (time, step) the eta's pace is measured from
         self.last_plot = self.t0
         if not enabled:
