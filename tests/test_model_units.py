@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import preset
-from lmforge.model import MoE, Norm, apply_rope, build, load_balancing_loss, rope_inv_freq, rope_tables
+from lmforge.model import (
+    MoE,
+    Norm,
+    apply_rope,
+    build,
+    linear_cross_entropy,
+    load_balancing_loss,
+    rope_inv_freq,
+    rope_tables,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +169,45 @@ def test_load_balancing_loss_matches_elementwise():
         ref = E * sum(f[s][e] * p[e] for s in range(k) for e in range(E))
         got = load_balancing_loss(logits, k, mask)
         assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("V", [64, 8192])  # one chunk; 512-row chunks with a partial last one
+def test_chunked_loss_and_gradients_match_cross_entropy(V):
+    """linear_cross_entropy (chunks, gradients formed in the forward pass) against
+    F.cross_entropy(F.linear(x, w)) in float64, ignored targets included."""
+    torch.manual_seed(0)
+    N, d = 1100, 8
+    x64, w64 = torch.randn(N, d, dtype=torch.float64), torch.randn(V, d, dtype=torch.float64)
+    t = torch.randint(0, V, (N,))
+    t[::7] = -100
+    with torch.enable_grad():
+        x, w = x64.float().requires_grad_(), w64.float().requires_grad_()
+        xr, wr = x64.clone().requires_grad_(), w64.clone().requires_grad_()
+        got = linear_cross_entropy(x, w, t)
+        ref = F.cross_entropy(F.linear(xr, wr), t, ignore_index=-100)
+        (2 * got).backward()
+        (2 * ref).backward()
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-7, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-7, rtol=1e-4)
+
+
+def test_compiled_training_step_equals_eager():
+    """Compiled CPU training takes explicit attention instead of SDPA (Attention.attend): the loss and
+    every gradient equal the eager model's."""
+    torch.manual_seed(0)
+    model = build(preset("qwen3", "debug", n_heads=4, n_kv_heads=2))
+    x = torch.randint(0, model.config.vocab_size, (2, 33))
+    with torch.enable_grad():
+        eager = model(x[:, :-1], x[:, 1:])
+        eager.backward()
+        ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        got = torch.compile(model, backend="aot_eager")(x[:, :-1], x[:, 1:])
+        got.backward()
+    assert got.item() == pytest.approx(eager.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
 @pytest.mark.parametrize("family", ["gpt", "gpt2", "llama", "mistral", "mixtral", "gemma"])

@@ -286,7 +286,15 @@ def test_budget_plan_grows_the_model_instead_of_repeating_data():
     per unique token) it keeps the compute rule's depth."""
     import time
 
-    from lmforge.train.budget import DEPTHS, MAX_EPOCHS, MAX_PARAMS_PER_TOKEN, matmul_params, plan, shape
+    from lmforge.train.budget import (
+        CPU_MICRO_TOKENS,
+        DEPTHS,
+        MAX_EPOCHS,
+        MAX_PARAMS_PER_TOKEN,
+        matmul_params,
+        plan,
+        shape,
+    )
     from lmforge.train.data import Data
     from lmforge.train.distributed import Dist
 
@@ -307,6 +315,9 @@ def test_budget_plan_grows_the_model_instead_of_repeating_data():
         data = Data(train=iter(()), vocab_size=4096, n_train_tokens=unique)
         out, lines = plan(cfg, data, Dist(), torch.bfloat16, time.time(), measure_fn=fake_measure)
         mc = preset("llama", "tiny", **out.model.overrides)
+        # on a CPU a step of up to CPU_MICRO_TOKENS is one micro-batch; larger ones accumulate batch 8
+        gbt = out.train.global_batch_tokens
+        assert out.train.batch_size * T == (gbt if gbt <= CPU_MICRO_TOKENS else 8 * T)
         return mc, out.train.tokens, lines
 
     base, tokens, _ = plan_for(10**9)
@@ -371,6 +382,27 @@ def test_threads_keep_the_faster_count(monkeypatch):
         th.before_step(step)
         th.after_step(step + 1, speed[torch.get_num_threads()])
     assert th.current == 2 and th.period > 5  # trials of one thread lost since, so they came rarer
+
+
+def test_threads_of_a_compiled_model_are_tried_only_after_a_slowdown(monkeypatch):
+    """A compiled model recompiles for a new thread count: no trials while the steps keep their pace;
+    once they run 1.5x slower than the best (another job took the cores), the trials come back."""
+    from lmforge.train.budget import Threads
+
+    counts = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: counts.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: counts[-1] if counts else 2)
+    th = Threads(2, period=5, trial=2, on_slowdown=True)
+    speed = {2: 0.3, 1: 0.5}
+    for step in range(100):
+        th.before_step(step)
+        th.after_step(step + 1, speed[torch.get_num_threads()])
+    assert counts == []  # never switched, not even for a trial
+    speed = {2: 1.0, 1: 0.5}  # busy cores
+    for step in range(100, 130):
+        th.before_step(step)
+        th.after_step(step + 1, speed[torch.get_num_threads()])
+    assert th.current == 1 and counts[-1] == 1
 
 
 def test_budget_plan_measures_larger_models_where_they_run_faster():

@@ -29,7 +29,7 @@ steps then run faster (1.9x at the quickstart's size), which the fit of step 4 t
 On a CPU the run also picks its thread count: all cores, or one when other jobs hold the cores and
 one thread trains faster (`Threads`, re-checked as the run goes).
 The rest follows: a global batch sized for 600 steps or more (short runs are short of steps more
-than of tokens per step), a learning rate scaled with width (6e-4 at d_model 768, as GPT-3 small),
+than of tokens per step; on a CPU up to 4K tokens of it in one micro-batch), a learning rate scaled with width (6e-4 at d_model 768, as GPT-3 small),
 tied embeddings at 3x that rate (TIE_EMBEDDINGS, EMBEDDING_LR_SCALE), Muon's matrices at 2x
 (MUON_LR_SCALE), a decay to zero (MIN_LR_RATIO), each measured alone at the quickstart's budget;
 evaluation a handful of times on a bounded number of validation tokens (a few percent of the training
@@ -65,6 +65,9 @@ TIE_EMBEDDINGS = True  # the output head is the token embedding (measured: 1.480
 MIN_LR_RATIO = 0.0  # the decay ends at zero (1.453 vs 1.480 ending at a tenth of the peak)
 EMBEDDING_LR_SCALE = 3.0  # the (tied) embedding's learning rate, times train.lr (1.457 vs 1.480; 10x: 1.519)
 MUON_LR_SCALE = 2.0  # Muon's matrices at twice train.lr (1.461 vs 1.480; with the rest: 1.433 vs 1.444)
+CPU_MICRO_TOKENS = 4096  # on a CPU a global batch up to this many tokens per process runs as one
+# micro-batch, not accumulated: at the quickstart's size one 16 x 256 micro-batch trained 1.1x the
+# tokens/s of two of 8 x 256 (larger matmuls, half the per-call overhead), for a few MB more activations
 COMPILE_MIN_SECONDS = 120  # a budget this long or longer compiles the model (train.compile) when it can:
 # at the quickstart's budget the compile took ~30 s and the steps then ran 1.9x faster (1.373 bits per
 # byte on python-docs against 1.461 eager, 5.36M tokens against 3.74M in the same 5 minutes)
@@ -272,6 +275,9 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         gbt *= 2
     steps = max(1, tokens // gbt)
     tokens = steps * gbt
+    if d.device.type == "cpu" and micro < gbt <= CPU_MICRO_TOKENS * W:
+        cfg.train.batch_size = gbt // (T * W)  # the step as one micro-batch: see CPU_MICRO_TOKENS
+        micro = gbt
     eval_tokens = EVAL_SHARE * 3 * tokens / (EVALS + 2)  # a forward pass costs a third of a training step
     eval_batches = max(1, min(cfg.eval.batches, int(eval_tokens // micro)))
 
@@ -437,18 +443,33 @@ class Threads:
     tokens/s with one thread, 0.5K with two). On an idle machine all threads win. So every `period`
     steps the loop trains a few steps with the other count and keeps whichever was faster; a trial that
     loses doubles the period, so an idle machine pays for few of them.
+
+    A compiled model (`on_slowdown`) recompiles for a new thread count (torch.compile guards on it: 21 s
+    for the quickstart's model on the 2-core machine, a 14th of its budget), so there a trial waits
+    until the steps have slowed down: the median of the last five over SLOWDOWN times the fastest
+    median so far, a sign that another job took cores.
     """
 
-    def __init__(self, n: int, period: int = 25, trial: int = 2):
+    SLOWDOWN = 1.5
+
+    def __init__(self, n: int, period: int = 25, trial: int = 2, on_slowdown: bool = False):
         self.current, self.other = torch.get_num_threads(), (1 if torch.get_num_threads() > 1 else n)
         self.period, self.base_period, self.trial = period, period, trial
         self.next_trial, self.trial_left = period, 0
         self.times: dict[int, list[float]] = {}
+        self.on_slowdown, self.best = on_slowdown, float("inf")  # the fastest 5-step median so far
+
+    def _median(self, k: int) -> float:
+        t = sorted(self.times.get(k, [float("inf")]))
+        return t[len(t) // 2]
 
     def before_step(self, step: int) -> None:
-        if self.trial_left == 0 and step >= self.next_trial and self.other != self.current:
-            self.trial_left = self.trial
-            torch.set_num_threads(self.other)
+        if self.trial_left or step < self.next_trial or self.other == self.current:
+            return
+        if self.on_slowdown and self._median(self.current) <= self.SLOWDOWN * self.best:
+            return
+        self.trial_left = self.trial
+        torch.set_num_threads(self.other)
 
     def after_step(self, step: int, seconds: float) -> str | None:
         """Record the step's time; returns a line to log when the count changes."""
@@ -456,13 +477,14 @@ class Threads:
         self.times.setdefault(k, []).append(seconds)
         self.times[k] = self.times[k][-5:]
         if not self.trial_left:
+            if len(self.times[k]) == 5:
+                self.best = min(self.best, self._median(k))
             return None
         self.trial_left -= 1
         if self.trial_left:
             return None
         t_trial = min(self.times[self.other][-self.trial :])
-        base = sorted(self.times.get(self.current, [float("inf")]))
-        t_base = base[len(base) // 2]
+        t_base = self._median(self.current)
         msg = None
         if t_trial < 0.85 * t_base:
             msg = (

@@ -239,7 +239,7 @@ class Trainer:
 
             self.pace = Pace(cfg.train.max_time, self.t_start)
             if dev.type == "cpu" and not d.active and max(self.n_threads, torch.get_num_threads()) > 1:
-                self.threads = Threads(self.n_threads)
+                self.threads = Threads(self.n_threads, on_slowdown=bool(cfg.train.compile))
         self.n_evals = self.total_steps // cfg.eval.every if cfg.eval.every else 0
         B, T, W = cfg.train.batch_size, cfg.data.seq_len, d.world
         self.say(
