@@ -106,7 +106,7 @@ def test_activation_checkpointing_gives_the_same_losses(corpus, tmp_path, one_th
 
 def test_time_budget_run_finishes_in_time(corpus, tmp_path, one_thread, capsys):  # noqa: F811
     cfg = make_config(
-        corpus, tmp_path, "budget", time_budget="24s", **{"train.max_steps": None, "train.batch_size": 8}
+        corpus, tmp_path, "budget", time_budget="24s", **{"train.max_steps": None, "train.batch_size": 2}
     )
     s = train(cfg)
     out = capsys.readouterr().out
@@ -118,6 +118,14 @@ def test_time_budget_run_finishes_in_time(corpus, tmp_path, one_thread, capsys):
     saved = read_yaml(tmp_path / "budget/config.yaml")
     assert saved["time_budget"] is None and saved["train"]["tokens"] > 0 and saved["model"]["n_layers"] >= 1
     assert saved["train"]["compile"] is False  # too short a budget to pay for a compile
+    # a CPU step of up to 4K tokens is one micro-batch: here the 2 rows given grow to the step's, and the
+    # loader was rebuilt for them (train_step checks every micro-batch's rows)
+    gbt, rows, T = (
+        saved["train"]["global_batch_tokens"],
+        saved["train"]["batch_size"],
+        saved["data"]["seq_len"],
+    )
+    assert gbt <= 4096 and rows > 2 and rows * T == gbt
     # the plan as it ended: its length fitted to the deadline, which --resume auto continues
     assert (
         saved["train"]["fit_time"]

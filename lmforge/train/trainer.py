@@ -144,9 +144,15 @@ class Trainer:
         if plan:  # --time-budget: measure, then choose the model, tokens and batch (budget.py)
             from lmforge.train.budget import plan
 
+            rows = self.cfg.train.batch_size
             self.cfg, explanation = plan(self.cfg, self.data, d, self.dtype, self.t_start)
             for line in explanation:
                 self.say(line)
+            if self.cfg.train.batch_size != rows:  # the plan made the step one micro-batch
+                if data is None:
+                    self.data = make_data(self.cfg, d.rank, d.world)  # whose loader yields those rows
+                else:  # the caller's loader yields `rows`: accumulate them instead
+                    self.cfg.train.batch_size = rows
             if self.data.val is not None:  # the plan bounds the validation batches
                 n = max(1, self.cfg.eval.batches // d.world)
                 self.data = dataclasses.replace(self.data, val=_first(self.data.val, n))
@@ -324,6 +330,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=dev)
         try:
             for i, (x, y) in enumerate(batches):
+                if x.shape[0] != B:  # the loss scale and the token counts assume B rows
+                    raise RuntimeError(f"the loader gave {x.shape[0]} rows, train.batch_size is {B}")
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 n = B * T if not count_targets else int((y != -100).sum())
                 with D.grad_sync(model, d, sync=i == accum - 1), self.autocast():
