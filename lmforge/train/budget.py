@@ -65,6 +65,10 @@ TIE_EMBEDDINGS = True  # the output head is the token embedding (measured: 1.480
 MIN_LR_RATIO = 0.0  # the decay ends at zero (1.453 vs 1.480 ending at a tenth of the peak)
 EMBEDDING_LR_SCALE = 3.0  # the (tied) embedding's learning rate, times train.lr (1.457 vs 1.480; 10x: 1.519)
 MUON_LR_SCALE = 2.0  # Muon's matrices at twice train.lr (1.461 vs 1.480; with the rest: 1.433 vs 1.444)
+CPU_COMPILE_SPEEDUP = 2.0  # a compiled CPU run's tokens/s over the eager steps the planner measures, for
+# the plan's tokens and batch (the pace fit corrects the rest): the quickstart's model measured 8.4-10K
+# tokens/s eager at 8 x 256 and trained 22-27K compiled at 16 x 256; with eager's tokens the batch rule
+# (MIN_STEPS) gave it 2K-token steps at 12K tokens/s, and 1.464 bits per byte instead of ~1.36
 CPU_MICRO_TOKENS = 4096  # on a CPU a global batch up to this many tokens per process runs as one
 # micro-batch, not accumulated: at the quickstart's size one 16 x 256 micro-batch trained 1.1x the
 # tokens/s of two of 8 x 256 (larger matmuls, half the per-call overhead), for a few MB more activations
@@ -251,6 +255,12 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
     # until the measured pace of one brings the epochs within MAX_EPOCHS (measuring stops at a fifth of
     # the budget).
     unique = data.n_train_tokens
+    if cfg.train.compile is None:  # not said: compile when the budget pays for it and it can
+        cfg.train.compile = budget >= COMPILE_MIN_SECONDS and can_compile(d.device)
+    # the steps were measured eager; a compiled CPU run trains faster, and its tokens and batch (step 4)
+    # are those of the steps it will take. The epochs here stay eager ones, as MAX_EPOCHS was measured:
+    # compiled, the quickstart's depth 3 sees its data 2.4 times and still beat depth 4 (docs/training.md)
+    speedup = CPU_COMPILE_SPEEDUP if cfg.train.compile and d.device.type == "cpu" else 1.0
 
     def epochs(k: int) -> float:
         return achieved[k] / config(k).flops_per_token(T) * train_s / unique
@@ -267,7 +277,7 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
     t_measure = time.time() - t_measure
     left = budget - (time.time() - t_start)
     train_s = left * (1 - OVERHEAD)
-    tokens = int(tps * train_s)
+    tokens = int(tps * speedup * train_s)
     # 4. batch, steps, learning rate, schedule, evaluation
     micro = B * T * W
     gbt = micro
@@ -297,8 +307,6 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         budget  # counted from the start of train(); the loop keeps time for its final eval and save
     )
     cfg.train.fit_time = True
-    if cfg.train.compile is None:  # not said: compile when the budget pays for it and it can
-        cfg.train.compile = budget >= COMPILE_MIN_SECONDS and can_compile(d.device)
     cfg.eval.every = max(1, steps // EVALS)
     cfg.eval.batches = eval_batches
     cfg.ckpt.every = max(1, steps // 5) if budget >= 1800 else 0
@@ -324,7 +332,8 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
         lines.append(
             f"  (depth {compute_depth} would see the {human_count(unique)}-token training split "
             f"{epochs(compute_depth):.1f} times; repeats beyond ~{MAX_EPOCHS} epochs are worth less, so the "
-            f"model grows instead: depth {depth} sees it {epochs(depth):.1f} times)"
+            f"model grows instead: depth {depth} sees it {epochs(depth):.1f} times"
+            + (", at the eager pace measured)" if speedup != 1 else ")")
         )
     elif TOKENS_PER_PARAM * n > tokens and depth == DEPTHS[0]:
         lines.append(
@@ -332,7 +341,9 @@ def plan(cfg: RunConfig, data, d: D.Dist, dtype: torch.dtype, t_start: float, me
             "on all the tokens the time allows, which beats a larger one on fewer)"
         )
     lines += [
-        f"  plan: {human_count(tokens)} tokens ({tokens / n:.2g} per param) in {steps} steps of "
+        f"  plan: {human_count(tokens)} tokens ({tokens / n:.2g} per param"
+        + (f"; compiled, ~{speedup:g}x the eager pace measured" if speedup != 1 else "")
+        + f") in {steps} steps of "
         f"{human_count(gbt)} tokens, lr {cfg.train.lr:g}"
         + (f" (embeddings x{EMBEDDING_LR_SCALE:g})" if EMBEDDING_LR_SCALE != 1 else "")
         + f", {cfg.train.optimizer}"
