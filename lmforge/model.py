@@ -195,8 +195,8 @@ class Attention(nn.Module):
         """softmax(q k^T * scale) v: q (B, H, T, hd), k, v (B, KV, S, hd), mask (B, 1, T, S) bool or
         None -> (B, T, H, hd). A few bf16 queries on CPU (decode steps) take two fp32 matmuls, several
         times faster than SDPA there (see few_query_attention); soft-capped scores (Gemma 2) are beyond
-        SDPA: explicit matmuls, always. Static conditions first: a symbolic T (ONNX export) must not be
-        compared unless needed."""
+        SDPA: explicit matmuls, always; so does compiled CPU training over short windows (below). Static
+        conditions first: a symbolic T (ONNX export) must not be compared unless needed."""
         drop = self.cfg.dropout if self.training else 0.0
         if self.softcap is not None:
             return few_query_attention(q, k, v, mask, self.scale, self.softcap, is_causal, drop)
@@ -561,17 +561,19 @@ class Transformer(nn.Module):
         )
 
 
-def _loss_rows(v: int, cuda: bool) -> int:
+def _loss_rows(v: int, cuda: bool, weight_grad: bool) -> int:
     """Rows of logits per chunk of linear_cross_entropy (vocabulary `v`). GPU: 2^26 fp32 logits (256 MB).
-    CPU: the weight gradient's matmul (p^T x, inner dimension = rows) wants 512 rows or more, and the
-    elementwise passes (max, exp, sum, scale, cast) run ~2x faster while a chunk stays in the L2 cache
-    (4 MB of fp32 logits): a vocabulary small enough for 256 rows in 4 MB takes the cached chunk.
+    CPU: the elementwise passes (max, exp, sum, scale, cast) run ~2x faster while a chunk stays in the
+    L2 cache (4 MB of fp32 logits), so a vocabulary small enough for 256 rows in 4 MB takes such chunks;
+    else the weight gradient's matmul (p^T x, inner dimension = rows) wants 512 rows, and without a
+    weight gradient (a frozen tied head: LoRA) 256 rows are fastest and half the memory.
     Measured on the 2-core Xeon, bf16, one forward+backward: V 4096 x 4096 rows 44.6 ms at 256 rows,
-    50.5 at 512, 71.6 at 2048; V 49152 x 1024 rows 613 ms at 256 rows, 521 at 512, 709 at 170."""
+    50.5 at 512, 71.6 at 2048; V 49152 x 1024 rows 613 ms at 256 rows, 521 at 512, 709 at 170; without
+    the weight's gradient 274 ms at 256 rows, 302 at 512, 308 at 1024."""
     if cuda:
         return max(1, (1 << 26) // v)
     cached = (1 << 20) // v
-    return cached if cached >= 256 else 512
+    return cached if cached >= 256 else (512 if weight_grad else 256)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -587,7 +589,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss = torch.zeros((), dtype=torch.float32, device=x.device)
             gx = torch.empty_like(x) if need_x else None
             gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
-            rows = _loss_rows(V, x.is_cuda)
+            rows = _loss_rows(V, x.is_cuda, need_w)
             for s in range(0, N, rows):
                 xs, t = x[s : s + rows].to(dtype), targets[s : s + rows]
                 ok, tt = t != -100, t.clamp(min=0)[:, None]

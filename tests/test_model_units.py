@@ -190,6 +190,10 @@ def test_chunked_loss_and_gradients_match_cross_entropy(V):
     assert got.item() == pytest.approx(ref.item(), rel=1e-5)
     torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-7, rtol=1e-4)
     torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-7, rtol=1e-4)
+    with torch.enable_grad():  # a frozen head (LoRA): other chunks, the input's gradient alone
+        x2 = x64.float().requires_grad_()
+        linear_cross_entropy(x2, w64.float(), t).backward()
+    torch.testing.assert_close(x2.grad.double(), xr.grad / 2, atol=1e-7, rtol=1e-4)
 
 
 def test_compiled_training_step_equals_eager():
