@@ -29,9 +29,11 @@ steps then run faster (1.9x at the quickstart's size), which the fit of step 4 t
 On a CPU the run also picks its thread count: all cores, or one when other jobs hold the cores and
 one thread trains faster (`Threads`, re-checked as the run goes).
 The rest follows: a global batch sized for 600 steps or more (short runs are short of steps more
-than of tokens per step; on a CPU up to 4K tokens of it in one micro-batch), a learning rate scaled with width (6e-4 at d_model 768, as GPT-3 small),
-tied embeddings at 3x that rate (TIE_EMBEDDINGS, EMBEDDING_LR_SCALE), Muon's matrices at 2x
-(MUON_LR_SCALE), a decay to zero (MIN_LR_RATIO), each measured alone at the quickstart's budget;
+than of tokens per step; on a CPU up to 4K tokens of it in one micro-batch, and a compiled run's
+tokens counted at CPU_COMPILE_SPEEDUP times the eager pace measured), a learning rate scaled with
+width (6e-4 at d_model 768, as GPT-3 small), tied embeddings at 3x that rate (TIE_EMBEDDINGS,
+EMBEDDING_LR_SCALE), Muon's matrices at 2x (MUON_LR_SCALE), a decay to zero (MIN_LR_RATIO), each
+measured alone at the quickstart's budget;
 evaluation a handful of times on a bounded number of validation tokens (a few percent of the training
 compute in all), a hard stop at the deadline.
 """
