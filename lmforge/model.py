@@ -202,13 +202,18 @@ class Attention(nn.Module):
             return few_query_attention(q, k, v, mask, self.scale, self.softcap, is_causal, drop)
         if q.device.type == "cpu" and not is_causal and q.dtype != torch.float32 and q.shape[2] <= 16:
             return few_query_attention(q, k, v, mask, self.scale)
-        if q.device.type == "cpu" and is_causal and torch.compiler.is_compiling() and torch.is_grad_enabled():
+        if (
+            q.device.type == "cpu"
+            and is_causal
+            and torch.compiler.is_compiling()
+            and torch.is_grad_enabled()
+            and q.shape[2] <= 512
+        ):
             # compiled CPU training over short windows: explicit fp32 attention, whose masked softmax
             # inductor fuses, trains faster than SDPA's flash kernel, whose backward is slow on CPU
             # (the quickstart's model, 16 x 256 tokens: forward+backward 127 ms against 138); its
             # (B, H, T, T) probabilities are kept for backward, so only up to 512 positions
-            if q.shape[2] <= 512:
-                return few_query_attention(q, k, v, mask, self.scale, None, is_causal, drop)
+            return few_query_attention(q, k, v, mask, self.scale, None, is_causal, drop)
         return F.scaled_dot_product_attention(
             q,
             k,
